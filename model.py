@@ -1,0 +1,167 @@
+"""
+SparseMedicalViT: one vision transformer for 2D radiographs and 3D CT (paper section 2.1).
+
+    views (list of [C, H, W] / [C, Z, H, W] tensors, any mix of sizes)
+      -> pack.pack_views: cubic P^3 patches, one packed token sequence, cu_seqlens   (pack.py)
+      -> patch embedding: one linear map of the P^3 patch; a 2D image is a depth-1 pseudo-volume
+      -> depth x pre-norm Block(attention with 3D RoPE on q and k, MLP)              (rope3d.py)
+      -> final LayerNorm -> mean over each view's tokens -> (N, dim), one embedding per view
+
+"Sparse" (paper): the shared 3D coordinate space is only partly occupied; a radiograph fills the
+plane z = 0, a CT fills a volume. Nothing in the network knows which modality a token came from.
+
+Usage:
+    cfg = ModelConfig(**PRESETS['small'])
+    model = SparseMedicalViT(cfg)
+    emb = model([xray_224x196, ct_crop_56x112x98])   # (2, 384)
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pack import Packed, pack_views, pool_views, varlen_attention, attention_path
+from rope3d import rope_cos_sin, apply_rope_cs
+
+
+@dataclass
+class ModelConfig:
+    patch: int = 14             # cubic patch side P (paper: 14)
+    in_chans: int = 1           # grayscale radiographs and CT
+    dim: int = 192              # token width
+    depth: int = 4              # number of blocks
+    heads: int = 4              # attention heads; head dim = dim // heads (best a multiple of 6, see rope3d.py)
+    mlp_ratio: float = 4.0      # MLP hidden = mlp_ratio * dim
+    alpha: float = 128.0        # RoPE coordinate scale: positions live in [0, alpha]^3 (paper: 128)
+    rope_base: float = 10000.0  # RoPE frequency base (paper: 10,000)
+
+
+# Parameter counts (backbone only) are in the README. Head dims: tiny 48 (8 RoPE pairs per axis),
+# small/base 64 (10 pairs per axis + 4 unrotated dims).
+PRESETS = {
+    "tiny": dict(dim=192, depth=4, heads=4),    # tests and CPU runs
+    "small": dict(dim=384, depth=12, heads=6),  # ViT-S/14
+    "base": dict(dim=768, depth=12, heads=12),  # ViT-B/14
+}
+
+
+class PatchEmbed(nn.Module):
+    """Linear projection of cubic P^3 patches. A 2D view is a pseudo-volume zero-padded along depth
+    to P with the image in depth slice 0; only weight slice [:, :, 0] meets non-zero voxels, so 2D
+    patches (C*P^2 vectors) are projected with that slice alone, never materialising the zeros."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        P, C = cfg.patch, cfg.in_chans
+        self.weight = nn.Parameter(torch.empty(cfg.dim, C, P, P, P))  # like a Conv3d(C, dim, P, stride=P)
+        self.bias = nn.Parameter(torch.zeros(cfg.dim))
+
+    def forward(self, packed: Packed) -> torch.Tensor:
+        D = self.weight.shape[0]
+        e3 = F.linear(packed.patches3d, self.weight.reshape(D, -1), self.bias)          # (S3, D)
+        e2 = F.linear(packed.patches2d, self.weight[:, :, 0].reshape(D, -1), self.bias)  # (S2, D)
+        x = e3.new_zeros(packed.num_tokens, D)
+        return x.index_copy(0, packed.idx3d, e3).index_copy(0, packed.idx2d, e2.to(e3.dtype))  # (S, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.dim % cfg.heads == 0, f"dim {cfg.dim} must be divisible by heads {cfg.heads}"
+        self.heads, self.head_dim = cfg.heads, cfg.dim // cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x, rope, packed: Packed):
+        S = x.shape[0]
+        q, k, v = self.qkv(x).view(S, 3, self.heads, self.head_dim).unbind(1)  # (S, H, Dh) each
+        q, k = apply_rope_cs(q, *rope), apply_rope_cs(k, *rope)  # 3D RoPE in every layer (paper 2.1.1)
+        y = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, packed.seqlens)  # (S, H, Dh)
+        return self.proj(y.reshape(S, -1))  # (S, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.dim)
+        self.fc1, self.fc2 = nn.Linear(cfg.dim, hidden), nn.Linear(hidden, cfg.dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(cfg.dim), Attention(cfg)
+        self.ln2, self.mlp = nn.LayerNorm(cfg.dim), MLP(cfg)
+
+    def forward(self, x, rope, packed):
+        x = x + self.attn(self.ln1(x), rope, packed)
+        return x + self.mlp(self.ln2(x))
+
+
+class SparseMedicalViT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """All initialisation, in one place:
+        - patch_embed.weight: trunc normal, std 0.02 (ViT); its bias 0. A 2D token sums P^2 terms,
+          a 3D token P^3, so at init 2D tokens are ~sqrt(P) smaller; the pre-norm blocks absorb that.
+        - every nn.Linear weight (qkv, proj, fc1, fc2): trunc normal, std 0.02; biases 0.
+        - attn.proj and mlp.fc2 weights: std 0.02 / sqrt(2 * depth), so the residual stream's variance
+          does not grow with depth (GPT-2).
+        - every LayerNorm: weight 1, bias 0.
+        """
+        nn.init.trunc_normal_(self.patch_embed.weight, std=0.02)
+        nn.init.zeros_(self.patch_embed.bias)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for b in self.blocks:
+            nn.init.trunc_normal_(b.attn.proj.weight, std=0.02 / (2 * self.cfg.depth) ** 0.5)
+            nn.init.trunc_normal_(b.mlp.fc2.weight, std=0.02 / (2 * self.cfg.depth) ** 0.5)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def pack(self, views) -> Packed:
+        """Pack a list of views on the CPU and move the result to the model's device."""
+        packed = pack_views([v.cpu() for v in views], self.cfg.patch, self.cfg.in_chans, self.cfg.alpha)
+        return packed.to(self.patch_embed.weight.device)
+
+    def forward_tokens(self, views_or_packed):
+        """Per-token features (S, dim) after the final norm, and the Packed metadata (grids, seqlens,
+        view ids) to map them back to each view's patch grid, e.g. for PCA feature maps."""
+        packed = views_or_packed if isinstance(views_or_packed, Packed) else self.pack(views_or_packed)
+        x = self.patch_embed(packed)  # (S, D)
+        rope = rope_cos_sin(packed.coords, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)  # once per forward
+        for block in self.blocks:
+            x = block(x, rope, packed)
+        return self.norm(x), packed
+
+    def forward(self, views_or_packed) -> torch.Tensor:
+        """One embedding per view, in input order: (N, dim)."""
+        x, packed = self.forward_tokens(views_or_packed)
+        # Pooling: the paper does not say. We take the mean of the view's tokens: it needs no extra
+        # token whose RoPE position would have to be invented (a CLS token has no place in the 3D grid),
+        # it treats a 1-token local crop and a 500-token volume alike, and it keeps every view's
+        # embedding independent of what else is packed with it (tested: batch invariance).
+        return pool_views(x, packed)
+
+    def describe(self, device, dtype) -> str:
+        return (f"SparseMedicalViT {self.cfg} | {self.num_params() / 1e6:.2f}M params | "
+                f"attention path: {attention_path(torch.device(device), dtype)}")
