@@ -27,10 +27,12 @@ try:  # optional CUDA fast path (pip install flash-attn)
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
-try:  # torch >= 2.10, CUDA only
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
+varlen_attn = None
+if torch.cuda.is_available():  # torch >= 2.10, CUDA only; importing it costs ~3 s (torch._dynamo) on CPU
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        pass
 
 
 @dataclass

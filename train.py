@@ -1,0 +1,371 @@
+"""
+Pretrain SparseMedicalViT with LeJEPA (paper sections 2.2-2.4), or train the supervised baseline.
+
+    python train.py                                     # built-in phantom world, tiny model, CPU
+    torchrun --standalone --nproc_per_node 2 train.py   # same on 2 processes (gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node 2 train.py config/stage3.py --max_iters=100
+
+Every knob is a constant below; override with config files (python, executed in order) and
+--key=value (parsed with literal_eval, type-checked against the default). One step = one GLOBAL
+batch of batch_2d + batch_3d samples, each with n_global + n_local views, split over the ranks and
+then, per rank, into micro-batches of at most token_budget tokens (gradient accumulation), so memory
+is bounded by the budget, never by the largest view.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from ast import literal_eval
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------
+# data
+data_dir = "data/phantom"     # shard folder (python data.py ...); the phantom world is generated here if empty
+batch_2d = 24                 # GLOBAL 2D samples per step, all ranks (paper: 256 in stage 1, 192 in stages 2-3)
+batch_3d = 8                  # GLOBAL 3D samples per step, all ranks (paper: 0 in stage 1, 64 in stages 2-3)
+n_global = 2                  # global views per sample (paper: 2)
+n_local = 8                   # local views per sample (paper: 8)
+global_scale = (0.3, 1.0)     # global view size, fraction of image area (2D) or volume (3D) (paper)
+local_scale = (0.05, 0.3)     # local view size (paper)
+num_workers = 2               # DataLoader worker processes per rank
+# model
+preset = "tiny"               # 'tiny' | 'small' (ViT-S) | 'base' (ViT-B), see model.PRESETS
+proj_hidden = 1024            # LeJEPA projector MLP hidden width
+proj_dim = 128                # projector output: the space SIGReg and L_pred act on
+# objective
+objective = "lejepa"          # 'lejepa' (self-supervised) | 'supervised' (linear head + masked BCE, baseline)
+lam = 0.17                    # SIGReg weight: loss = (1-lam)*pred + lam*sigreg (paper: 0.025 at batch 256,
+                              # with lam/(1-lam)*N held at the paper's 6.56: N = 32 samples -> 0.17; see lejepa.py)
+num_slices = 1024             # random 1D projections per SIGReg evaluation (LeJEPA default)
+# optim
+max_iters = 300               # optimizer steps
+learning_rate = 5e-4          # peak lr (paper: 1e-4 at batch 256; the tiny CPU model tolerates more)
+min_lr = 1e-5                 # end of the cosine decay
+warmup_iters = 30             # linear warmup steps
+weight_decay = 0.05           # AdamW, on matrices only (paper: 0.05)
+beta1, beta2 = 0.9, 0.95      # AdamW betas
+grad_clip = 1.0               # max global grad norm (0 = off)
+# system
+out_dir = "out"               # checkpoint, log.jsonl
+init_from = "scratch"         # 'scratch' | 'resume' (out_dir/ckpt.pt, exact continuation) |
+                              # a checkpoint path: its weights, fresh optimizer and step 0 (stage 2)
+device = "auto"               # 'auto' | 'cpu' | 'cuda'
+dtype = "auto"                # 'auto' (bf16 on CUDA and on CPUs with native bf16, else fp32) | 'float32' | 'bfloat16'
+token_budget = 12000          # max tokens per micro-batch per rank (memory bound; more -> fewer accumulation steps)
+log_interval = 10             # steps between log lines
+ckpt_interval = 100           # steps between checkpoints (and one at the end)
+stop_at = 0                   # end this job after this step (0 = max_iters); resume later, same schedule
+seed = 1337
+deterministic = False         # torch.use_deterministic_algorithms (tests: exact resume)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+
+
+def configure(defaults: dict, argv: list) -> dict:
+    """nanoGPT-style overrides: config files (python, executed) then --key=value (literal_eval).
+    An unknown key or a value of another type than the default is an error."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            scope = {}
+            exec(open(arg).read(), {}, scope)
+            updates = {k: v for k, v in scope.items() if not k.startswith("_")}
+            origin = arg
+        else:
+            key, sep, val = arg[2:].partition("=")
+            if not sep:
+                raise ValueError(f"override {arg!r}: expected --key=value")
+            try:
+                val = literal_eval(val)
+            except (ValueError, SyntaxError):
+                val = val  # a bare string such as --out_dir=out2
+            updates, origin = {key: val}, "command line"
+        for k, v in updates.items():
+            if k not in cfg:
+                raise ValueError(f"{origin}: unknown config key {k!r}; known keys: {', '.join(sorted(cfg))}")
+            if isinstance(cfg[k], float) and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if type(v) is not type(cfg[k]):
+                raise ValueError(f"{origin}: {k}={v!r} is a {type(v).__name__}, expected {type(cfg[k]).__name__} "
+                                 f"like the default {cfg[k]!r}")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"override from {origin}: {k} = {v!r}")
+            cfg[k] = v
+    return cfg
+
+
+def get_lr(it: int, cfg: dict) -> float:
+    """Linear warmup, then cosine decay to min_lr: a pure function of the step, so resume needs only it."""
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / cfg["warmup_iters"]
+    t = min(1.0, (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"]))
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * t)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def split_micro(tokens_per_sample: list, n_micro: int) -> list:
+    """Cut samples (kept whole: L_pred needs all views of a sample) into exactly n_micro contiguous,
+    non-empty chunks of roughly equal token counts. Returns n_micro + 1 boundaries."""
+    total, bounds, acc, j = sum(tokens_per_sample), [0], 0, 1
+    for i, t in enumerate(tokens_per_sample):
+        acc += t
+        left = len(tokens_per_sample) - (i + 1)
+        if j < n_micro and (acc >= total * j / n_micro or left == n_micro - j):
+            bounds.append(i + 1)
+            j += 1
+    bounds.append(len(tokens_per_sample))
+    return bounds
+
+
+class Net(nn.Module):
+    """Encoder + head in one module, so DDP averages the gradients of both. The head is the LeJEPA
+    projector (lejepa.py) or, for the supervised baseline, a linear classifier over the 5 findings."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, packed):
+        emb = self.encoder(packed)  # (N, dim) backbone embedding per view
+        return emb, self.head(emb)
+
+
+def run_info(device) -> dict:
+    """What produced this run: recorded in the log and the checkpoint."""
+    try:
+        import subprocess
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        git = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    return {"git": git, "torch": str(torch.__version__), "device": str(name)}
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 autocast pays on CPUs with native bf16 (avx512_bf16 / amx: 1.5x faster here) and is
+    ~15x slower where it is emulated, so 'auto' uses it only when the flag is there."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def save_checkpoint(obj: dict, path: str):
+    """Atomic: write a temp file in the same folder, then rename over the old checkpoint. A crash or
+    a full disk mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"could not write checkpoint {path} ({e.strerror}); the previous checkpoint, "
+                                   f"if any, is intact. Free disk space or set --out_dir") from e
+        raise
+
+
+def main(cfg: dict):
+    import data
+    from lejepa import Projector, lejepa_loss
+    from model import ModelConfig, SparseMedicalViT, PRESETS
+    from pack import pack_views
+
+    # --- distributed: torchrun sets RANK; then init must succeed (never two silent independent runs)
+    ddp = "RANK" in os.environ
+    if ddp:
+        use_cuda = torch.cuda.is_available() and cfg["device"] != "cpu"
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    else:
+        rank, local_rank, world = 0, 0, 1
+    master = rank == 0
+    print0 = lambda *a, **k: print(*a, **k) if master else None
+    dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{local_rank}" if dev == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dt = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device.type == "cuda" or cpu_has_bf16() else "float32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
+    torch.manual_seed(cfg["seed"])
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    for b, name in ((cfg["batch_2d"], "batch_2d"), (cfg["batch_3d"], "batch_3d")):
+        assert b % world == 0, f"{name}={b} must be divisible by the world size {world}"
+    b2d, b3d = cfg["batch_2d"] // world, cfg["batch_3d"] // world  # this rank's share
+
+    # --- data: rank 0 generates the phantom world on first use while the other ranks wait
+    if master and not data.has_shards(cfg["data_dir"]):
+        print0(f"no shards in {cfg['data_dir']}: generating the phantom world there (python data.py phantom)")
+        import phantom
+        phantom.make(cfg["data_dir"])
+    if ddp:
+        dist.barrier()  # collective: every rank waits for the data
+    ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d") if b2d else None
+    ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d") if b3d else None
+    crop = data.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"], global_scale=cfg["global_scale"],
+                          local_scale=cfg["local_scale"])
+
+    # --- model
+    mcfg = ModelConfig(**PRESETS[cfg["preset"]])
+    encoder = SparseMedicalViT(mcfg)
+    head = (Projector(mcfg.dim, cfg["proj_hidden"], cfg["proj_dim"]) if cfg["objective"] == "lejepa"
+            else nn.Linear(mcfg.dim, len(data.LABELS)))
+    net = Net(encoder, head).to(device)
+    decay = [p for p in net.parameters() if p.dim() >= 2]
+    no_decay = [p for p in net.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
+    start_step = 0
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] != "scratch":
+        path = ckpt_path if cfg["init_from"] == "resume" else cfg["init_from"]
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        load_weights(encoder, ckpt["model"], path, "model")
+        if cfg["init_from"] == "resume":
+            load_weights(head, ckpt["head"], path, "head")
+            opt.load_state_dict(ckpt["optimizer"])
+            start_step = ckpt["step"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+        elif ckpt["config"]["objective"] == cfg["objective"]:
+            load_weights(head, ckpt["head"], path, "head")
+        print0(f"init from {path} (step {ckpt['step']}): {'resuming' if cfg['init_from'] == 'resume' else 'weights only, fresh optimizer'}")
+    model = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else net
+    info = run_info(device)
+    print0(f"config: {json.dumps(cfg)}")
+    print0(f"run: {json.dumps(info)} | world size {world} | dtype {dt}")
+    print0(encoder.describe(device, torch.bfloat16 if dt == "bfloat16" else torch.float32))
+    print0(f"head: {sum(p.numel() for p in head.parameters()) / 1e6:.2f}M params ({cfg['objective']})")
+
+    loader = data.make_loader(ds2d, ds3d, b2d, b3d, rank=rank, world_size=world, seed=cfg["seed"],
+                              start_step=start_step, crop=crop, workers=cfg["num_workers"])
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
+    # the supervised baseline sees only the global views (whole-ish images), LeJEPA all of them
+    V, P = (cfg["n_global"] + cfg["n_local"] if cfg["objective"] == "lejepa" else cfg["n_global"]), mcfg.patch
+    pbar = None
+    if master:
+        from tqdm import tqdm
+        pbar = tqdm(total=cfg["max_iters"], initial=start_step, desc="train", dynamic_ncols=True)
+    it = iter(loader)
+    step = start_step
+    t_last, tok_acc, views_acc, steps_acc = time.time(), 0, 0, 0
+    end = min(cfg["max_iters"], cfg["stop_at"] or cfg["max_iters"])
+    while step < end:
+        batch = next(it)
+        views = batch["views"]  # views[v][i]: view v of sample i
+        B = len(views[0])
+        toks = [sum(views[v][i].numel() // (P ** 3 if views[v][i].dim() == 4 and views[v][i].shape[1] > 1 else P * P)
+                    for v in range(V)) for i in range(B)]
+        n_micro = torch.tensor(max(1, math.ceil(sum(toks) / cfg["token_budget"])))
+        if ddp:  # collective: every rank must run the same number of micro-batches (SIGReg all-reduces)
+            dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+        n_micro = min(int(n_micro), B)
+        bounds = split_micro(toks, n_micro)
+        lr = get_lr(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        terms = torch.zeros(3, device=device)
+        for m in range(n_micro):
+            idx = list(range(bounds[m], bounds[m + 1]))
+            vs = [views[v][i] for v in range(V) for i in idx]  # view-major: (V * b) views
+            packed = pack_views(vs, P, mcfg.in_chans, mcfg.alpha).to(device, non_blocking=True)
+            sync = m == n_micro - 1  # average gradients across ranks only on the last micro-batch
+            with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
+                emb, out = model(packed)
+                if cfg["objective"] == "lejepa":
+                    z = out.float().view(V, len(idx), -1)  # (V, b, K), global views first
+                    loss, pred, sig = lejepa_loss(z, n_global=cfg["n_global"], lam=cfg["lam"],
+                                                  num_slices=cfg["num_slices"], step=step)
+                else:
+                    loss, pred, sig = supervised_loss(out.float().view(V, len(idx), -1), batch["labels"][idx].to(device))
+                (loss / n_micro).backward()
+            terms += torch.stack([loss.detach(), pred.detach(), sig.detach()]) / n_micro
+            tok_acc += packed.num_tokens
+            views_acc += packed.num_views
+        if ddp:  # collective: the logged and checked loss is the mean over ranks
+            dist.all_reduce(terms, op=dist.ReduceOp.AVG)
+        loss_v, pred_v, sig_v = terms.tolist()
+        for name, val in (("pred", pred_v), ("sigreg" if cfg["objective"] == "lejepa" else "bce", sig_v)):
+            if not math.isfinite(val):
+                raise FloatingPointError(f"step {step}: non-finite loss term {name} = {val}. Stopping before the "
+                                         f"optimizer step; the last good checkpoint {ckpt_path} is left untouched")
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        steps_acc += 1
+        if pbar:
+            pbar.update(1)
+        if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
+            counts = torch.tensor([tok_acc, views_acc], dtype=torch.float64)
+            if ddp:  # collective: throughput of all ranks
+                dist.all_reduce(counts)
+            dt_s = time.time() - t_last
+            mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+                   else __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2 ** 20)
+            rec = dict(step=step, loss=loss_v, pred=pred_v, sigreg=sig_v, lr=lr, grad_norm=float(gnorm),
+                       tok_s=counts[0].item() / dt_s, views_s=counts[1].item() / dt_s,
+                       step_ms=1000 * dt_s / steps_acc, mem_gib=mem, n_micro=n_micro)
+            second = "sigreg" if cfg["objective"] == "lejepa" else "bce"
+            line = (f"step {step}/{cfg['max_iters']} | loss {loss_v:.4f} | pred {pred_v:.4f} | {second} {sig_v:.4f} | "
+                    f"lr {lr:.2e} | gnorm {float(gnorm):.3f} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
+                    f"{rec['views_s']:.0f} views/s | {rec['step_ms']:.0f} ms | mem {mem:.2f} GiB")
+            if pbar:
+                pbar.write(line)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            t_last, tok_acc, views_acc, steps_acc = time.time(), 0, 0, 0
+        if master and (step % cfg["ckpt_interval"] == 0 or step == end):
+            save_checkpoint({"model": encoder.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
+                             "model_cfg": asdict(mcfg), "config": cfg, "step": step, "data_pos": step,
+                             "world_size": world, "rng": {"torch": torch.get_rng_state()}, "run": info}, ckpt_path)
+    if pbar:
+        pbar.close()
+    print0(f"done: checkpoint {ckpt_path} (step {step})")
+    print0(f"next: python probe.py --ckpt={ckpt_path}")
+    if ddp:
+        dist.destroy_process_group()
+    return net
+
+
+def supervised_loss(logits, labels):
+    """Baseline objective: BCE over the 5 findings on each global view, unknown (NaN) labels masked.
+    logits (Vg, b, 5), labels (b, 5). Returns (loss, pred=0, bce) to share train.py's logging."""
+    known = ~torch.isnan(labels)
+    y = torch.nan_to_num(labels).expand_as(logits)
+    mask = known.expand_as(logits).float()
+    bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * mask).sum() / mask.sum().clamp(min=1)
+    return bce, torch.zeros_like(bce), bce
+
+
+def load_weights(module: nn.Module, state: dict, path: str, what: str):
+    """load_state_dict with a message that lists mismatched keys and shapes."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint {path} ({what}) does not fit this model config:\n"
+                         + "".join(f"  missing: {k}\n" for k in missing[:20])
+                         + "".join(f"  unexpected: {k}\n" for k in unexpected[:20])
+                         + "".join(f"  shape: {s}\n" for s in shapes[:20])
+                         + "use the same --preset/--proj_dim/--proj_hidden as the run that wrote it")
+    module.load_state_dict(state)
+
+
+if __name__ == "__main__":
+    main(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
