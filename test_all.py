@@ -14,6 +14,14 @@ from model import ModelConfig, SparseMedicalViT, PRESETS
 from pack import pack_views, pool_views, split_views, varlen_attention, attention_path
 from rope3d import grid_coords, apply_rope, rope_cos_sin
 
+import json
+import pickle
+import zlib
+import h5py
+from data import BadInput, MultiCrop, ShardDataset, ShardError
+import csv
+import gzip
+import adapters as A
 torch.set_num_threads(2)
 P = 14
 
@@ -452,3 +460,664 @@ def test_ddp_two_processes_stay_in_sync(fake_data, tmp_path):
     log = [__import__("json").loads(l) for l in open(tmp_path / "log.jsonl")]
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
     assert (tmp_path / "ckpt.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# data.py: shards, preprocessing, views, stream
+
+# ----------------------------------------------------------------------------- helpers
+
+def _toy_load(rec):
+    """load_fn for the runner tests: a raw image chosen by the record's 'kind' (top level, so picklable)."""
+    kind, rng = rec['kind'], np.random.default_rng(zlib.crc32(rec['id'].encode()))  # str hash differs per process
+    if kind == 'xray':
+        return rng.integers(0, 4096, (260, 200)).astype(np.uint16)
+    if kind == 'ct':
+        return rng.normal(-300, 400, (30, 60, 50)).astype(np.float32), (3.0, 0.8, 0.8)
+    if kind == 'nan':
+        x = rng.random((100, 100))
+        x[5, 5] = np.nan
+        return x
+    if kind == 'inf':
+        hu = rng.normal(0, 100, (30, 40, 40))
+        hu[0, 0, 0] = np.inf
+        return hu, (1.0, 1.0, 1.0)
+    if kind == 'constant':
+        return np.full((128, 128), 17, np.uint8)
+    if kind == 'tiny':  # 3000 x 12: the short side becomes 1 px at long side 224
+        return rng.random((3000, 12))
+    if kind == 'thin_ct':  # 3 slices of 1 mm over 200 mm: 2 voxels deep after resampling
+        return rng.normal(0, 100, (3, 200, 200)), (1.0, 1.0, 1.0)
+    if kind == 'unknown':
+        raise BadInput(f"unknown file type '.xyz' ({rec['path']})")
+    if kind == 'corrupt':
+        raise OSError("image file is truncated (12 bytes not processed)")  # what Pillow says
+    raise AssertionError(kind)
+
+
+def _rec(i, kind, split='train', modality=None, labels=True):
+    lab = np.array([1, 0, np.nan, 0, 1], np.float32) if labels else None
+    mod = modality or ('3d' if kind in ('ct', 'inf', 'thin_ct') else '2d')
+    return dict(id=f"s{i}", patient_id=f"p{i // 2}", study_id=f"st{i}", split=split, labels=lab,
+                modality=mod, kind=kind, path=f"/raw/{kind}/{i}.dat")
+
+
+def _samples(n, modality, rng, split='train'):
+    out = []
+    for i in range(n):
+        shape = (1, int(rng.integers(14, 60)), int(rng.integers(14, 60)))
+        if modality == '3d':
+            shape = (1, int(rng.integers(14, 30)),) + shape[1:]
+        lab = rng.choice([0.0, 1.0, np.nan], 5).astype(np.float32)
+        out.append(dict(image=rng.uniform(-1, 1, shape).astype(np.float32), labels=lab, id=f"{split}_{modality}{i}",
+                        patient_id=f"p{i}", study_id=f"st{i}", modality=modality, split=split,
+                        spacing=(np.nan, 0.5, 0.5) if modality == '2d' else (1.0, 1.0, 1.0)))
+    return out
+
+
+def _open_files():
+    return h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    data.write_shard(tmp_path / "toy_train_2d_00000.h5", _samples(10, '2d', rng))
+    data.write_shard(tmp_path / "toy_train_3d_00000.h5", _samples(6, '3d', rng))
+    data.write_shard(tmp_path / "toy_test_2d_00000.h5", _samples(5, '2d', rng, split='test'))
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def test_normalisation_values():
+    hu = np.array([-3000, -1000, 250, 1500, 4000, -375], np.float32)
+    np.testing.assert_allclose(data.hu_to_unit(hu), [-1, -1, 0, 1, 1, -0.5], atol=1e-6)  # W 2500, L 250
+    np.testing.assert_allclose(data.xray_to_unit(np.array([[10, 60, 110]], np.uint16)), [[-1, 0, 1]], atol=1e-6)
+    x = data.xray_to_unit(np.random.default_rng(0).integers(0, 65535, (50, 40)).astype(np.uint16))
+    assert x.dtype == np.float32 and x.min() == -1 and x.max() == 1
+
+
+def test_resize_area_filter_matches_block_mean():
+    x = np.random.default_rng(0).random((8, 12)).astype(np.float32)
+    ref = x.reshape(4, 2, 6, 2).mean(axis=(1, 3))  # naive 2x2 block means
+    np.testing.assert_allclose(data.resize_long_side(x, 6), ref, atol=1e-6)
+    assert data.resize_long_side(np.zeros((300, 150)), 224).shape == (224, 112)
+    assert data.resize_long_side(np.zeros((40, 100, 50)), 112).shape == (45, 112, 56)
+
+
+def test_spacing_aware_resampling_keeps_a_sphere_round():
+    # a 60 mm ball in an 80 mm box of (4, 0.8, 1.0) mm voxels: 20 x 100 x 80 voxels
+    sp = (4.0, 0.8, 1.0)
+    z, y, x = np.meshgrid(*[(np.arange(n) + 0.5) * s - 40 for n, s in zip((20, 100, 80), sp)], indexing='ij')
+    ball = ((z ** 2 + y ** 2 + x ** 2) < 30 ** 2).astype(np.float32)
+    out = data.resample_ct(ball, sp, long_side=112)
+    assert out.shape == (112, 112, 112)  # extents 80 x 80 x 80 mm: all axes equal
+    diam = [np.count_nonzero((out > 0.5).any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
+    for d, s in zip(diam, sp):  # 60 mm in every direction, up to one source voxel + one output voxel
+        assert abs(d * 80 / 112 - 60) <= s + 80 / 112, diam
+    out = data.resample_ct(np.zeros((30, 512, 512)), (5.0, 0.7, 0.7), long_side=112)
+    assert out.shape == (47, 112, 112)  # 150 x 358 x 358 mm: 150 / 358.4 * 112 = 46.9 slices
+
+
+def test_preprocess_shapes_and_bad_inputs():
+    x = data.preprocess_xray(np.random.default_rng(0).integers(0, 255, (2000, 1500)).astype(np.uint8))
+    assert x.shape == (1, 224, 168) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
+    v = data.preprocess_ct(np.random.default_rng(0).normal(0, 500, (60, 128, 128)), (2.5, 0.75, 0.75))
+    assert v.shape == (1, 112, 72, 72) and v.dtype == np.float32
+    for bad, why in [(np.full((50, 50), 3.0), 'constant'), (np.array([[0, np.nan], [1, 2]]), 'NaN'),
+                     (np.random.random((3000, 12)), 'smaller than one'), (np.zeros((3, 4, 5)), '2D grayscale')]:
+        with pytest.raises(BadInput, match=why):
+            data.preprocess_xray(bad)
+    with pytest.raises(BadInput, match='spacing'):
+        data.preprocess_ct(np.random.random((20, 20, 20)), (1.0, 0.0, 1.0))
+
+
+# ----------------------------------------------------------------------------- shards
+
+def test_shard_round_trip(shard_dir):
+    rng = np.random.default_rng(0)
+    ref = _samples(10, '2d', rng) + _samples(6, '3d', rng)
+    ds = ShardDataset(shard_dir, split='train')
+    assert len(ds) == 16 and sorted(ds.id) == sorted(s['id'] for s in ref)
+    for s in ref:
+        item = ds[list(ds.id).index(s['id'])]
+        assert item['image'].shape == s['image'].shape and item['image'].dtype == np.float32
+        assert np.abs(item['image'] - s['image']).max() <= 0.5 / 127 + 1e-6  # int8 quantisation, half a step
+        np.testing.assert_array_equal(item['labels'], s['labels'])  # NaN compares equal here
+        assert (item['modality'], item['patient_id'], item['split']) == (s['modality'], s['patient_id'], 'train')
+    assert len(ShardDataset(shard_dir, split='train', modality='3d')) == 6
+    assert len(ShardDataset(str(shard_dir / "*_2d_*.h5"))) == 15
+    with h5py.File(shard_dir / "toy_test_2d_00000.h5") as h:
+        assert h.attrs['format_version'] == data.FORMAT_VERSION and list(h.attrs['labels']) == list(data.LABELS)
+    exact = np.array([[[-1.0, 0.0, 1.0] * 5] * 14], np.float32)  # -1, 0, 1 survive exactly
+    data.write_shard(shard_dir / "x.h5", [dict(_samples(1, '2d', rng)[0], image=exact)])
+    assert (ShardDataset(shard_dir / "x.h5")[0]['image'] == exact).all()
+
+
+def test_wrong_version_and_truncated_shard_name_file_and_fix(shard_dir):
+    with open(shard_dir / "report.json", "w") as f:
+        json.dump({"toy": {"command": "python data.py toy --root /raw --out X"}}, f)
+    path = shard_dir / "toy_test_2d_00000.h5"
+    with h5py.File(path, 'a') as h:
+        h.attrs['format_version'] = 0
+    with pytest.raises(ShardError, match=r"toy_test_2d_00000.h5: expected format_version 1, found 0.*python data.py toy --root /raw"):
+        ShardDataset(shard_dir)
+    raw = open(shard_dir / "toy_train_3d_00000.h5", 'rb').read()
+    path.write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ShardError, match=r"toy_test_2d_00000.h5: cannot be read, truncated.*re-run python data.py toy"):
+        ShardDataset(shard_dir)
+    with pytest.raises(FileNotFoundError, match="python data.py"):
+        ShardDataset(shard_dir / "nothing_here")
+
+
+def test_lazy_handles(shard_dir):
+    ds = ShardDataset(shard_dir, modality='2d')
+    assert _open_files() == 0 and ds._handles == {}  # nothing open before a DataLoader forks
+    first = ds[3]['image']
+    assert _open_files() == 1 and len(ds._handles) == 1
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawned worker receives
+    assert clone._handles == {} and np.array_equal(clone[3]['image'], first)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)  # forked after the parent opened one
+    assert [it['id'] for it in loader] == list(ds.id)
+    ds._handles.clear()
+    clone._handles.clear()
+
+
+def test_runner_reports_bad_inputs_and_skips_finished_shards(tmp_path):
+    kinds = ['xray', 'nan', 'xray', 'constant', 'tiny', 'unknown', 'corrupt', 'xray', 'ct', 'inf', 'thin_ct', 'ct']
+    recs = [_rec(i, k) for i, k in enumerate(kinds)] + [_rec(99, 'xray', labels=False)]
+    rep = data.preprocess_records(recs, _toy_load, tmp_path, 'toy', shard_size=4, workers=1)
+    why = {f['id']: f['reason'] for f in rep['failures']}
+    assert rep['written'] == 5 and rep['failed'] == 8 and rep['skipped'] == 0
+    assert 'NaN or inf' in why['s1'] and 'constant image' in why['s3'] and 'smaller than one 14-pixel' in why['s4']
+    assert 'unknown file type' in why['s5'] and 'truncated' in why['s6'] and 'NaN or inf' in why['s9']
+    assert 'smaller than one' in why['s10'] and why['s99'] == 'missing label row'
+    assert {f['file'] for f in rep['failures']} >= {'/raw/nan/1.dat', '/raw/corrupt/6.dat'}
+    assert json.load(open(tmp_path / "report.json"))['toy']['failed'] == 8
+    ds = ShardDataset(tmp_path)
+    assert sorted(ds.id) == ['s0', 's11', 's2', 's7', 's8']
+    assert ds[list(ds.id).index('s8')]['image'].shape == (1, 112, 60, 50)  # 90 x 48 x 40 mm
+    np.testing.assert_allclose(ds.spacing[list(ds.id).index('s8')], [90 / 112, 48 / 60, 40 / 50], rtol=1e-5)
+    mtime = os.path.getmtime(tmp_path / "toy_train_2d_00000.h5")
+    rep2 = data.preprocess_records(recs, _toy_load, tmp_path, 'toy', shard_size=4, workers=1)
+    assert (rep2['written'], rep2['skipped'], rep2['failed']) == (0, 5, 8)  # failures are still reported
+    assert os.path.getmtime(tmp_path / "toy_train_2d_00000.h5") == mtime
+    recs[0]['labels'] = np.zeros(5, np.float32)  # e.g. another uncertainty policy: that shard is rebuilt
+    rep3 = data.preprocess_records(recs, _toy_load, tmp_path, 'toy', shard_size=4, workers=1)
+    assert (rep3['written'], rep3['skipped'], rep3['shards_written']) == (2, 3, 1)
+    assert (ShardDataset(tmp_path).labels[0] == 0).all() and data.has_shards(tmp_path)
+
+
+def test_runner_fails_loudly_when_nothing_loads(tmp_path):
+    with pytest.raises(RuntimeError, match=r"all 2 records failed.*/raw/corrupt/0.dat: unexpected OSError"):
+        data.preprocess_records([_rec(0, 'corrupt'), _rec(1, 'constant')], _toy_load, tmp_path, 'toy', workers=1)
+    assert json.load(open(tmp_path / "report.json"))['toy']['failed'] == 2
+
+
+def test_runner_parallel_matches_serial(tmp_path):
+    recs = [_rec(i, k, split=s) for i, (k, s) in enumerate([('xray', 'train'), ('ct', 'val'), ('xray', 'test'),
+                                                          ('constant', 'train'), ('ct', 'train')])]
+    data.preprocess_records(recs, _toy_load, tmp_path / "a", 'toy', workers=1)
+    rep = data.preprocess_records(recs, _toy_load, tmp_path / "b", 'toy', workers=2)  # spawned processes
+    assert rep['written'] == 4 and rep['failed'] == 1
+    a, b = ShardDataset(tmp_path / "a"), ShardDataset(tmp_path / "b")
+    assert list(a.id) == list(b.id)
+    assert all(np.array_equal(a[i]['image'], b[i]['image']) for i in range(len(a)))
+
+
+# ----------------------------------------------------------------------------- views
+
+@pytest.mark.parametrize("shape", [(1, 224, 182), (1, 224, 224), (1, 112, 112, 112), (1, 84, 112, 98)])
+def test_view_sizes_and_scales_over_many_draws(shape):
+    crop = MultiCrop()
+    img = np.zeros(shape, np.float32)
+    rng = np.random.default_rng(0)
+    full = math.prod(shape[1:])
+    scales = {'g': [], 'l': []}
+    for _ in range(150):
+        views = crop(img, rng)
+        assert len(views) == 10
+        for v, x in enumerate(views):
+            assert x.ndim == len(shape) and x.shape[0] == 1 and x.dtype == np.float32
+            assert all(s % 14 == 0 and 14 <= s <= S for s, S in zip(x.shape[1:], shape[1:]))
+            scales['g' if v < 2 else 'l'].append(x[0].size / full)
+    g, l = np.array(scales['g']), np.array(scales['l'])
+    assert 0.3 <= g.min() and g.max() <= 1.0 and 0.05 <= l.min() and l.max() <= 0.3
+    assert g.max() - g.min() > 0.4 and l.max() - l.min() > 0.15  # the ranges are actually explored
+
+
+def test_views_are_native_resolution_crops_with_per_view_intensity():
+    img = np.random.default_rng(1).uniform(-1, 1, (1, 40, 56, 70)).astype(np.float32)
+    plain = MultiCrop(n_global=1, n_local=3, brightness=0, contrast=0, noise=0)
+    for x in plain(img, np.random.default_rng(2)):  # each view is literally a sub-block of the volume
+        z, h, w = x.shape[1:]
+        hits = [(a, b, c) for a in range(41 - z) for b in range(57 - h) for c in range(71 - w)
+                if img[0, a, b, c] == x[0, 0, 0, 0] and np.array_equal(img[0, a:a + z, b:b + h, c:c + w], x[0])]
+        assert len(hits) == 1
+    flat = np.zeros((1, 224, 224), np.float32)
+    means = [x.mean() for x in MultiCrop(noise=0, contrast=0)(flat, np.random.default_rng(3))]
+    assert np.std(means) > 0.02 and max(map(abs, means)) <= 0.1 + 1e-6  # brightness differs per view
+    noisy = MultiCrop(brightness=0, contrast=0)(flat, np.random.default_rng(4))
+    assert np.std([x.std() for x in noisy]) > 0.001  # so does the noise level
+    same = MultiCrop(n_global=2, n_local=0, global_scale=(1, 1), aspect=(1, 1), brightness=0, contrast=0)
+    a, b = same(flat, np.random.default_rng(6))
+    assert a.shape == b.shape and abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.05  # and the noise itself
+    assert all(-1 <= x.min() and x.max() <= 1 for x in MultiCrop(brightness=0.5)(img, np.random.default_rng(5)))
+
+
+# ----------------------------------------------------------------------------- stream
+
+def _batch_key(b):
+    return (b['step'], tuple(b['id']), tuple(float(x.sum()) for vs in b['views'] for x in vs))
+
+
+def test_rank_shares_are_disjoint_and_world_size_invariant(shard_dir):
+    ds2 = ShardDataset(shard_dir, split='train', modality='2d')  # 10 samples
+    ds3 = ShardDataset(shard_dir, split='train', modality='3d')  # 6 samples
+    crop = MultiCrop(n_global=1, n_local=1)
+    steps = 2  # global batch 4 + 2: both steps stay inside the first epoch of each stream
+    ranks = [list(data.make_loader(ds2, ds3, 2, 1, rank=r, world_size=2, seed=7, crop=crop, stop_step=steps))
+             for r in range(2)]
+    for mod, n in (('2d', 8), ('3d', 4)):
+        ids = [[i for b in bs for i, m in zip(b['id'], b['modality']) if m == mod] for bs in ranks]
+        assert len(set(ids[0])) == len(ids[0]) and not set(ids[0]) & set(ids[1])
+        assert len(set(ids[0]) | set(ids[1])) == n
+    one = list(data.make_loader(ds2, ds3, 4, 2, seed=7, crop=crop, stop_step=steps))
+    for s in range(steps):  # one process sees exactly the union of the two ranks, with the same crops
+        r0, r1 = ranks[0][s], ranks[1][s]
+        assert one[s]['id'] == r0['id'][:2] + r1['id'][:2] + r0['id'][2:] + r1['id'][2:]
+        assert torch.equal(one[s]['views'][1][3], r1['views'][1][1])
+        assert torch.equal(one[s]['views'][0][5], r1['views'][0][2])
+    # over many steps every sample comes once per epoch
+    full = [i for b in data.make_loader(ds2, None, 5, 0, seed=1, crop=crop, stop_step=4) for i in b['id']]
+    assert sorted(full[:10]) == sorted(full[10:]) == sorted(ds2.id) and full[:10] != full[10:]
+
+
+def test_stream_batch_format_determinism_and_resume(shard_dir):
+    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
+    crop = MultiCrop()
+    run = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, stop_step=5))
+    b = run[0]
+    assert set(b) == {'views', 'labels', 'modality', 'id', 'step'} and b['step'] == 0
+    assert len(b['views']) == 10 and all(len(vs) == 6 for vs in b['views'])
+    assert b['modality'] == ['2d'] * 4 + ['3d'] * 2
+    assert b['views'][0][0].dim() == 3 and b['views'][0][5].dim() == 4 and b['views'][0][0].dtype == torch.float32
+    assert b['labels'].shape == (6, 5) and b['labels'].dtype == torch.float32 and b['labels'].isnan().any()
+    resumed = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, start_step=3, stop_step=5, workers=2))
+    assert [_batch_key(x) for x in resumed] == [_batch_key(x) for x in run[3:]]
+    other = next(iter(data.make_loader(ds2, ds3, 4, 2, seed=4, crop=crop, stop_step=1)))
+    assert _batch_key(other) != _batch_key(b)
+    stage1 = next(iter(data.make_loader(ds2, None, 4, 0, seed=3, crop=crop, stop_step=1)))
+    assert stage1['modality'] == ['2d'] * 4
+    with pytest.raises(ValueError, match="no 3D samples"):
+        data.make_loader(ds2, None, 4, 2)
+
+
+def test_iterate_whole(shard_dir):
+    ds = ShardDataset(shard_dir)
+    seen = []
+    for r in range(2):
+        for b in data.iterate_whole(ds, batch_size=4, rank=r, world_size=2):
+            assert b['labels'].shape == (len(b['id']), 5)
+            for x, i in zip(b['image'], b['id']):
+                full = ds[list(ds.id).index(i)]['image']
+                assert all(s % 14 == 0 and S <= s < S + 14 for s, S in zip(x.shape[1:], full.shape[1:]))
+                inner = tuple(slice((s - S) // 2, (s - S) // 2 + S) for s, S in zip(x.shape[1:], full.shape[1:]))
+                assert np.array_equal(x.numpy()[(0,) + inner], full[0])  # centred, nothing lost
+                assert (x.numpy() == -1).sum() == x.numel() - full.size + (full == -1).sum()
+            seen += b['id']
+    assert sorted(seen) == sorted(ds.id)
+
+
+# -----------------------------------------------------------------------------
+# adapters.py: real-data formats (fixtures written in each real format)
+
+Z, H, W = 6, 20, 24
+MARK = (1, 2, 3)  # (inferior, anterior, patient right) corner of C
+
+
+def canonical_ct():
+    """HU volume (Z, H, W), canonical axes: air -1000 outside a soft-tissue body, bone at MARK."""
+    c = np.full((Z, H, W), -1000, np.int16)
+    c[:, 4:16, 5:19] = 40
+    c[MARK] = 700
+    return c
+
+
+def write_csv(path, header, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with (gzip.open if path.endswith('.gz') else open)(path, 'wt', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def write_picture(path, a, mode=None):
+    Image = pytest.importorskip('PIL.Image')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(a, mode).save(path, quality=95) if path.endswith('.jpg') else Image.fromarray(a).save(path)
+
+
+def write_dicom(path, a, **tags):
+    """A DICOM file with proper file meta (preamble + 'DICM'); a=None writes no pixel data."""
+    pydicom = pytest.importorskip('pydicom')
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = '1.2.840.10008.5.1.4.1.1.2'  # CT Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.PhotometricInterpretation = 'CT', '1.2.3', 'MONOCHROME2'
+    if a is not None:
+        ds.Rows, ds.Columns = a.shape[:2]
+        ds.SamplesPerPixel = 1 if a.ndim == 2 else 3
+        ds.BitsAllocated = ds.BitsStored = 8 * a.itemsize
+        ds.HighBit, ds.PixelRepresentation = 8 * a.itemsize - 1, 0
+        if a.ndim == 3:
+            ds.PhotometricInterpretation, ds.PlanarConfiguration = 'RGB', 0
+        ds.PixelData = a.tobytes()
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def write_nifti(path, a, affine, slope=None, inter=None):
+    nib = pytest.importorskip('nibabel')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = nib.Nifti1Image(a, affine)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, path)
+
+
+def radiograph(marker=220):
+    """20x24 8-bit radiograph with a bright block in the top-left (superior, patient-right) corner."""
+    a = np.full((20, 24), 40, np.uint8)
+    a[2:7, 3:9] = marker
+    return a
+
+
+# ----------------------------------------------------------------------------- MIMIC-CXR-JPG
+
+CHEXPERT14 = ['Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', 'Enlarged Cardiomediastinum',
+              'Fracture', 'Lung Lesion', 'Lung Opacity', 'Pleural Effusion', 'Pneumonia', 'Pneumothorax',
+              'Pleural Other', 'Support Devices', 'No Finding']
+META = ['dicom_id', 'subject_id', 'study_id', 'PerformedProcedureStepDescription', 'ViewPosition', 'Rows',
+        'Columns', 'StudyDate', 'StudyTime', 'ProcedureCodeSequence_CodeMeaning',
+        'ViewCodeSequence_CodeMeaning', 'PatientOrientationCodeSequence_CodeMeaning',
+        'AcquisitionDeviceProcessingDescription']  # the last is an undocumented extra: must be tolerated
+
+
+def test_mimic(tmp_path):
+    root = str(tmp_path)
+    d = ['%08x-%08x-%08x-%08x-%08x' % (i, i, i, i, i) for i in range(6)]
+    images = [  # dicom_id, subject, study, view, split
+        (d[0], '10000032', '50000001', 'LATERAL', 'train'),
+        (d[1], '10000032', '50000001', 'AP', 'train'),
+        (d[2], '10000032', '50000001', 'PA', 'train'),      # PA wins study 1
+        (d[3], '10000032', '50000002', 'AP', 'validate'),   # the only frontal of study 2
+        (d[4], '11000001', '50000003', 'LATERAL', 'test'),  # no frontal: study 3 is left out
+        (d[5], '11000001', '50000004', 'PA', 'test')]       # no CheXpert row: fails, counted
+    write_csv(f'{root}/mimic-cxr-2.0.0-metadata.csv.gz', META,
+              [[i, s, t, 'CHEST (PA AND LAT)', v, 20, 24, 21800506, 80556.875, '', '', 'Erect', '']
+               for i, s, t, v, _ in images])
+    write_csv(f'{root}/mimic-cxr-2.0.0-split.csv.gz', ['dicom_id', 'study_id', 'subject_id', 'split'],
+              [[i, t, s, sp] for i, s, t, _, sp in images])
+    row = {'Atelectasis': '1.0', 'Cardiomegaly': '-1.0', 'Consolidation': '', 'Lung Opacity': '0.0',
+           'Pleural Effusion': '1.0'}
+    write_csv(f'{root}/mimic-cxr-2.0.0-chexpert.csv.gz', ['subject_id', 'study_id'] + CHEXPERT14,
+              [['10000032', '50000001'] + [row.get(c, '') for c in CHEXPERT14],
+               ['10000032', '50000002'] + [''] * 14, ['11000001', '50000003'] + ['1.0'] * 14])
+    write_picture(f'{root}/files/p10/p10000032/s50000001/{d[2]}.jpg', radiograph(), 'L')
+
+    recs = A.records_mimic(root)
+    assert [(r['id'], r['split']) for r in recs] == [(d[2], 'train'), (d[3], 'val'), (d[5], 'test')]
+    np.testing.assert_array_equal(recs[0]['labels'], [1, np.nan, 0, 0, 1])  # -1 -> NaN, blank -> 0
+    np.testing.assert_array_equal(recs[1]['labels'], np.zeros(5))
+    assert 'no row' in recs[2]['error'] and np.isnan(recs[2]['labels']).all()
+    np.testing.assert_array_equal(A.records_mimic(root, blank=np.nan)[0]['labels'], [1, np.nan, np.nan, 0, 1])
+    img = A.load_xray(recs[0])
+    assert img.shape == (20, 24) and img.dtype == np.float32
+    assert img[2:7, 3:9].mean() > 200 and np.abs(np.delete(img, np.s_[0:9], 0) - 40).max() < 10  # JPEG
+    with pytest.raises(A.BadInput, match='file not found'):
+        A.load_xray(recs[1])
+    with pytest.raises(A.BadInput, match='no row'):
+        A.load_xray(recs[2])
+
+
+# ----------------------------------------------------------------------------- CheXpert
+
+def test_chexpert(tmp_path):
+    root = str(tmp_path)
+    header = ['Path', 'No Finding', 'Enlarged Cardiomediastinum', 'Cardiomegaly', 'Airspace Opacity',
+              'Lung Lesion', 'Edema', 'Consolidation', 'Pneumonia', 'Atelectasis', 'Pneumothorax',
+              'Pleural Effusion', 'Pleural Other', 'Fracture', 'Support Devices']
+    lab = lambda card, lo, cons, atel, eff: [0, 0, card, lo, 0, 0, cons, 0, atel, 0, eff, 0, 0, 1]
+    write_csv(f'{root}/test_labels.csv', header, [
+        ['test/patient64741/study1/view1_frontal.jpg'] + lab(1, 0, 0, 1, 0),
+        ['test/patient64741/study1/view2_lateral.jpg'] + lab(1, 0, 0, 1, 0),   # lateral: left out
+        ['test/patient64742/study1/view1_frontal.jpg'] + lab(0, 1, 1, 0, 1)])
+    write_csv(f'{root}/val_labels.csv', header, [
+        ['CheXpert-v1.0/valid/patient64541/study1/view1_frontal.jpg'] + lab(0, 0, 1, 0, 0)])
+    write_picture(f'{root}/val/patient64541/study1/view1_frontal.jpg', radiograph(), 'L')
+
+    recs = A.records_chexpert(root)
+    assert [(r['id'], r['patient_id'], r['study_id'], r['split']) for r in recs] == [
+        ('test/patient64741/study1/view1_frontal', 'patient64741', 'patient64741/study1', 'test'),
+        ('test/patient64742/study1/view1_frontal', 'patient64742', 'patient64742/study1', 'test'),
+        ('val/patient64541/study1/view1_frontal', 'patient64541', 'patient64541/study1', 'val')]
+    np.testing.assert_array_equal(recs[0]['labels'], [1, 1, 0, 0, 0])  # ATEL CARD CONS LO EFF
+    np.testing.assert_array_equal(recs[1]['labels'], [0, 0, 1, 1, 1])  # "Airspace Opacity" -> LO
+    assert A.load_xray(recs[2])[2:7, 3:9].mean() > 200                 # valid/ resolved to val/
+
+
+# ----------------------------------------------------------------------------- CT-RATE
+
+CTRATE_LABELS = ['VolumeName', 'Medical material', 'Arterial wall calcification', 'Cardiomegaly',
+                 'Pericardial effusion', 'Coronary artery wall calcification', 'Hiatal hernia',
+                 'Lymphadenopathy', 'Emphysema', 'Atelectasis', 'Lung nodule', 'Lung opacity',
+                 'Pulmonary fibrotic sequela', 'Pleural effusion', 'Mosaic attenuation pattern',
+                 'Peribronchial thickening', 'Consolidation', 'Bronchiectasis',
+                 'Interlobular septal thickening']
+CTRATE_META = ['VolumeName', 'Manufacturer', 'PatientPosition', 'ImagePositionPatient',
+               'ImageOrientationPatient', 'Rows', 'Columns', 'XYSpacing', 'RescaleIntercept',
+               'RescaleSlope', 'RescaleType', 'NumberofSlices', 'ZSpacing', 'StudyDate']
+
+
+def ctrate_row(name, atel, card, cons, lo, eff):
+    v = dict(zip(['Atelectasis', 'Cardiomegaly', 'Consolidation', 'Lung opacity', 'Pleural effusion'],
+                 [atel, card, cons, lo, eff]))
+    return [name] + [v.get(c, 0) for c in CTRATE_LABELS[1:]]
+
+
+def test_ctrate_original_and_fixed(tmp_path):
+    nib = pytest.importorskip('nibabel')
+    root, c = str(tmp_path / 'dataset'), canonical_ct()
+    lps_xyz = lambda v: v.transpose(2, 1, 0)  # (Z, H, W) -> (x: R->L, y: A->P, z: I->S), as CT-RATE stores
+    # original valid/: stored = HU + 1024, placeholder header (nibabel's identity affine, sform_code 2,
+    # scl 1/0): spacing, slope and intercept live in the metadata CSV only
+    write_nifti(f'{root}/valid/valid_1/valid_1_a/valid_1_a_1.nii.gz', lps_xyz(c + 1024), np.eye(4))
+    # ...and one whose metadata intercept must not be applied (already HU): refused as "applied twice"
+    write_nifti(f'{root}/valid/valid_2/valid_2_a/valid_2_a_1.nii.gz', lps_xyz(c), np.eye(4))
+    write_csv(f'{root}/metadata/validation_metadata.csv', CTRATE_META, [
+        [n, 'SIEMENS', 'HFS', '[-175, -175, -300]', '[1, 0, 0, 0, 1, 0]', H, W, '[0.6, 0.7]', -1024, 1,
+         'HU', Z, 1.5, 20200101] for n in ('valid_1_a_1.nii.gz', 'valid_2_a_1.nii.gz')])
+    write_csv(f'{root}/multi_abnormality_labels/valid_predicted_labels.csv', CTRATE_LABELS, [
+        ctrate_row('valid_1_a_1.nii.gz', 1, 0, 1, 0, 1), ctrate_row('valid_2_a_1.nii.gz', 0, 1, 0, 1, 0)])
+    # train_fixed/: int16 stored = HU + 1024 with scl_inter = -1024 in the header, LPS affine (x spacing
+    # 0.7 toward the left, y 0.6 toward posterior); the metadata's intercept must NOT be applied again
+    write_nifti(f'{root}/train_fixed/train_7/train_7_b/train_7_b_2.nii.gz', lps_xyz(c + 1024),
+                np.diag([-0.7, -0.6, 1.5, 1.0]), slope=1.0, inter=-1024.0)
+    write_csv(f'{root}/metadata/train_metadata.csv', CTRATE_META, [
+        ['train_7_b_2.nii.gz', 'GE', 'HFS', '', '', H, W, '[0.6, 0.7]', -1024, 1, 'HU', Z, 1.5, 20200101]])
+    write_csv(f'{root}/multi_abnormality_labels/train_predicted_labels.csv', CTRATE_LABELS, [
+        ctrate_row('train_7_b_2.nii.gz', 0, 0, 0, 1, 1), ctrate_row('train_8_a_1.nii.gz', 0, 0, 0, 0, 0)])
+    assert nib.load(f'{root}/valid/valid_1/valid_1_a/valid_1_a_1.nii.gz').header['sform_code'] == 2
+
+    recs = {r['id']: r for r in A.records_ctrate(root, val_frac=0.0)}
+    assert sorted(recs) == ['train_7_b_2', 'train_8_a_1', 'valid_1_a_1', 'valid_2_a_1']
+    assert [recs[k]['split'] for k in sorted(recs)] == ['train', 'train', 'test', 'test']
+    assert (recs['train_7_b_2']['patient_id'], recs['train_7_b_2']['study_id']) == ('train_7', 'train_7_b')
+    np.testing.assert_array_equal(recs['valid_1_a_1']['labels'], [1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(recs['train_7_b_2']['labels'], [0, 0, 0, 1, 1])  # 'Lung opacity'
+    assert {r['split'] for r in A.records_ctrate(root, val_frac=1.0) if r['id'].startswith('train')} == {'val'}
+    for vid in ('valid_1_a_1', 'train_7_b_2'):
+        hu, spacing = A.load_ct(recs[vid])
+        np.testing.assert_array_equal(hu, c)  # exact HU, marker in place: orientation and rescale right
+        assert spacing == pytest.approx((1.5, 0.6, 0.7))
+    with pytest.raises(A.BadInput, match='applied twice'):
+        A.load_ct(recs['valid_2_a_1'])
+    with pytest.raises(A.BadInput, match='file not found'):
+        A.load_ct(recs['train_8_a_1'])
+
+
+# ----------------------------------------------------------------------------- RAD-ChestCT
+
+def test_radchest(tmp_path):
+    pytest.importorskip('nibabel')  # the reorientation maths
+    root, c = str(tmp_path), canonical_ct()
+    np.savez_compressed(f'{root}/trn00001.npz', ct=c[::-1])  # stored superior -> inferior
+    os.makedirs(f'{root}/part2')
+    np.savez_compressed(f'{root}/part2/tst00002.npz', ct=c[::-1])
+    write_csv(f'{root}/Summary_3630.csv', ['MRN_DEID', 'NoteAcc_DEID', 'Set_Assigned', 'Subset_Assigned'],
+              [['AA1', 'trn00001', 'train', 'imgtrain'], ['AA2', 'tst00002', 'test', 'imgtest_a']])
+    header = ['NoteAcc_DEID', 'atelectasis*left_lower', 'atelectasis*right_upper', 'cardiomegaly*heart',
+              'cardiomegalyx*heart',  # decoy: a token that merely starts with 'cardiomegaly' must not count
+              'consolidation*lung', 'opacity*left_upper', 'pleural_effusion*right_lower', 'nodule*lung']
+    write_csv(f'{root}/imgtrain_Abnormality_and_Location_Labels.csv', header,
+              [['trn00001', 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]])
+    write_csv(f'{root}/imgtest_Abnormality_and_Location_Labels.csv', header,
+              [['tst00002', 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0], ['val00003'] + [0.0] * 8])
+    recs = A.records_radchest(root)
+    assert [(r['id'], r['patient_id'], r['split']) for r in recs] == [
+        ('tst00002', 'AA2', 'test'), ('val00003', 'val00003', 'val'), ('trn00001', 'AA1', 'train')]
+    np.testing.assert_array_equal(recs[2]['labels'], [1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(recs[0]['labels'], [0, 1, 0, 1, 1])
+    for r in (recs[0], recs[2]):
+        hu, spacing = A.load_radchest(r)
+        np.testing.assert_array_equal(hu, c)
+        assert spacing == (0.8, 0.8, 0.8)
+    with pytest.raises(A.BadInput, match='file not found'):
+        A.load_radchest(recs[1])
+
+
+# ----------------------------------------------------------------------------- folder: CT
+
+def write_series(folder, c, iop=(1, 0, 0, 0, 1, 0), z=None, uid='1.2.3'):
+    """One DICOM file per slice, stored uint16 = (HU + 1024) / 2 with RescaleSlope 2, Intercept -1024;
+    file names and InstanceNumber run opposite to anatomy, so only ImagePositionPatient sorts them."""
+    z = np.arange(len(c)) * 2.5 - 50 if z is None else z
+    for k in range(len(c)):
+        write_dicom(f'{folder}/IM{len(c) - k:04d}', ((c[k] + 1024) // 2).astype(np.uint16),
+                    ImageOrientationPatient=list(iop), ImagePositionPatient=[-80, -90, float(z[k])],
+                    PixelSpacing=[0.6, 0.7], RescaleSlope=2, RescaleIntercept=-1024,
+                    InstanceNumber=len(c) - k, SeriesInstanceUID=uid)
+
+
+def test_folder_ct(tmp_path):
+    root, c = str(tmp_path), canonical_ct()
+    # NIfTI in RAS+ (what nibabel, FSL, MONAI write): x toward the right, y toward anterior
+    write_nifti(f'{root}/ras.nii.gz', c[:, ::-1, ::-1].transpose(2, 1, 0), np.diag([0.7, 0.6, 1.5, 1]))
+    write_series(f'{root}/series_hfs', c)
+    # the same patient with rows and columns stored flipped: IOP directions -x and -y
+    write_series(f'{root}/series_flipped', c[:, ::-1, ::-1], iop=(-1, 0, 0, 0, -1, 0))
+    recs = A.records_folder(root, modality='ct', val_frac=0.0, test_frac=0.0)
+    assert [(r['id'], r['modality'], r['split']) for r in recs] == [
+        ('ras.nii.gz', '3d', 'train'), ('series_flipped', '3d', 'train'), ('series_hfs', '3d', 'train')]
+    for r in recs:
+        hu, spacing = A.load_ct(r)
+        np.testing.assert_array_equal(hu, c)
+        assert spacing == pytest.approx((1.5 if r['id'].endswith('gz') else 2.5, 0.6, 0.7))
+
+
+# ----------------------------------------------------------------------------- folder: X-ray
+
+def test_folder_xray_and_labels(tmp_path):
+    root = str(tmp_path / 'cxr')
+    a16 = radiograph().astype(np.uint16) * 200  # 16-bit PNG
+    write_picture(f'{root}/a/img16.png', a16)
+    write_picture(f'{root}/a/grey_as_rgb.png', np.repeat(radiograph()[..., None], 3, -1))
+    stored = radiograph(marker=10).astype(np.uint16) * 5  # MONOCHROME1: the dense block is LOW
+    write_dicom(f'{root}/b/mono1.dcm', stored, PhotometricInterpretation='MONOCHROME1',
+                RescaleSlope=3, RescaleIntercept=-7)
+    write_picture(f'{root}/b/unlabelled.jpg', radiograph(), 'L')
+    labels = str(tmp_path / 'labels.csv')
+    write_csv(labels, ['path', 'ATEL', 'Cardiomegaly', 'Lung Opacity', 'split', 'patient_id'], [
+        ['a/img16.png', 1, -1, '', 'test', 'P1'], ['a/grey_as_rgb.png', 0, 1, 0, 'validate', 'P1'],
+        ['b/mono1.dcm', 1, 1, 1, '', 'P2'], ['b/gone.png', 0, 0, 0, 'train', 'P3']])
+    recs = {r['id']: r for r in A.records_folder(root, 'xray', labels, val_frac=0.0, test_frac=0.0)}
+    assert sorted(recs) == ['a/grey_as_rgb.png', 'a/img16.png', 'b/gone.png', 'b/mono1.dcm', 'b/unlabelled.jpg']
+    assert [recs[k]['split'] for k in sorted(recs)] == ['val', 'test', 'train', 'train', 'train']
+    assert recs['a/img16.png']['patient_id'] == 'P1' and recs['b/unlabelled.jpg']['patient_id'] == 'b/unlabelled.jpg'
+    np.testing.assert_array_equal(recs['a/img16.png']['labels'], [1, np.nan, np.nan, np.nan, np.nan])
+    np.testing.assert_array_equal(recs['b/mono1.dcm']['labels'], [1, 1, np.nan, 1, np.nan])
+    np.testing.assert_array_equal(A.load_folder(recs['a/img16.png']), a16)
+    np.testing.assert_array_equal(A.load_folder(recs['a/grey_as_rgb.png']), radiograph())
+    hu = stored * 3.0 - 7
+    np.testing.assert_array_equal(A.load_folder(recs['b/mono1.dcm']), hu.max() + hu.min() - hu)
+    assert A.load_folder(recs['b/mono1.dcm'])[2:7, 3:9].min() == hu.max()  # dense block now brightest
+    for k, why in (('b/unlabelled.jpg', 'no row'), ('b/gone.png', 'not found')):
+        with pytest.raises(A.BadInput, match=why):
+            A.load_folder(recs[k])
+
+
+# ----------------------------------------------------------------------------- a folder full of problems
+
+def test_folder_full_of_problems(tmp_path):
+    """Issue 8: each bad file is refused with its reason; MONOCHROME1 is inverted, not refused."""
+    pytest.importorskip('pydicom'), pytest.importorskip('nibabel'), pytest.importorskip('PIL')
+    xr, ct, c = str(tmp_path / 'xray'), str(tmp_path / 'ct'), canonical_ct()
+    write_picture(f'{xr}/ok.png', radiograph())
+    open(f'{xr}/empty.png', 'wb').close()
+    write_dicom(f'{xr}/nopixels.dcm', None)
+    rgb = np.repeat(radiograph()[..., None], 3, -1)
+    rgb[..., 0] //= 2  # real colour
+    write_picture(f'{xr}/colour.png', rgb)
+    write_dicom(f'{xr}/colour.dcm', rgb)
+    write_picture(f'{xr}/dot.png', np.full((1, 1), 9, np.uint8))
+    open(f'{xr}/notes.txt', 'w').write('not an image')
+    write_picture(f'{xr}/cut.jpg', radiograph(), 'L')
+    data = open(f'{xr}/cut.jpg', 'rb').read()
+    open(f'{xr}/cut.jpg', 'wb').write(data[:len(data) // 2])
+    write_dicom(f'{xr}/mono1.dcm', radiograph(), PhotometricInterpretation='MONOCHROME1')
+    write_nifti(f'{ct}/ok.nii.gz', c.transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
+    write_nifti(f'{ct}/nan.nii.gz', np.where(c > 500, np.nan, c).astype(np.float32).transpose(2, 1, 0),
+                np.diag([-0.7, -0.6, 1.5, 1]))
+    write_nifti(f'{ct}/noorient.nii', c.transpose(2, 1, 0), None)
+    write_nifti(f'{ct}/oneslice.nii.gz', c[:1].transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
+    data = open(f'{ct}/ok.nii.gz', 'rb').read()
+    open(f'{ct}/cut.nii.gz', 'wb').write(data[:len(data) // 2])
+    write_series(f'{ct}/gap', c, z=np.array([0, 2.5, 5, 10, 12.5, 15.0]))  # a missing slice
+    write_series(f'{ct}/two', c[:3])
+    write_series(f'{ct}/two/more', c[3:], uid='9.9.9')
+    for f in os.listdir(f'{ct}/two/more'):
+        os.rename(f'{ct}/two/more/{f}', f'{ct}/two/B{f}')
+    os.rmdir(f'{ct}/two/more')
+    expected = {
+        'ok.png': None, 'mono1.dcm': None, 'empty.png': 'zero-byte', 'nopixels.dcm': 'without pixel data',
+        'colour.png': 'RGB', 'colour.dcm': 'RGB', 'dot.png': '1-pixel', 'notes.txt': 'unknown file type',
+        'cut.jpg': 'truncated',
+        'ok.nii.gz': None, 'nan.nii.gz': 'NaN', 'noorient.nii': 'without orientation',
+        'oneslice.nii.gz': '1-pixel', 'cut.nii.gz': 'truncated', 'gap': 'mismatched slice spacing: gaps 2.5 to 5 mm',
+        'two': 'several series'}
+    recs = A.records_folder(xr, 'xray') + A.records_folder(ct, 'ct')
+    assert sorted(r['id'] for r in recs) == sorted(expected)
+    for r in recs:
+        if expected[r['id']] is None:
+            A.load_folder(r)
+        else:
+            with pytest.raises(A.BadInput, match=expected[r['id']]):
+                A.load_folder(r)
+
+
+def test_missing_extra_names_the_fix(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, 'pydicom', None)  # makes `import pydicom` fail
+    with pytest.raises(ImportError, match='requirements-extra.txt'):
+        A._need('pydicom')

@@ -1,0 +1,637 @@
+"""
+Data: preprocessing into HDF5 shards, the shard reader, multi-crop views and the mixed 2D/3D stream
+(paper sections 2.1.2, 2.3, 2.4).
+
+    preprocess_xray / preprocess_ct    raw image -> float32 (1, H, W) / (1, Z, H, W) in [-1, 1] (paper 2.4)
+    preprocess_records(records, load_fn, out_dir, prefix)   parallel load + preprocess -> shards + report
+    ShardDataset(path_or_glob, split, modality)             lazy reader, item = dict(image, labels, ...)
+    MultiCrop(...)(image, rng)          V_g global + V_l local views, patch-snapped sizes, no resize (2.2, 2.4)
+    make_loader(ds2d, ds3d, b2d, b3d, rank, world_size, seed, start_step, crop, workers)   mixed stream (2.3)
+    iterate_whole(ds, batch_size)       one pass over a split, whole images, for the linear probe
+
+Shard layout (one HDF5 file per shard, FORMAT_VERSION 1; every sample of a shard shares split+modality):
+    attrs    format_version, labels (LABELS), command (how to rebuild), records_sha, long_side, failures (json)
+    image    int8 (sum of voxels,)  all images flattened back to back; value q means q / 127 in [-1, 1]
+    offset   int64 (N+1,)           sample i is image[offset[i]:offset[i+1]]
+    shape    int32 (N, 3)           (Z, H, W); Z = 1 for 2D
+    labels   float32 (N, 5)         LABELS order, 1 positive, 0 negative, NaN unknown/uncertain
+    spacing  float32 (N, 3)         mm per stored voxel (z, y, x); NaN where the source does not say
+    id, patient_id, study_id, modality ('2d'|'3d'), split ('train'|'val'|'test')   str (N,)
+int8 is 4x smaller than float32 and 2x than float16; its step is 1/127 (9.8 HU in the CT window, half a
+grey level of an 8-bit JPEG), below CT noise. See README for the measured footprint and loader speed.
+
+Canonical 3D orientation (every adapter and the phantom agree): Z = axial slices inferior -> superior,
+H = anterior -> posterior, W = patient right -> left.
+
+Usage: python data.py <name> --root R --out O [--workers N]     (python data.py phantom --out data/phantom)
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+from functools import partial
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LABELS = ('ATEL', 'CARD', 'CONS', 'LO', 'EFF')  # Atelectasis, Cardiomegaly, Consolidation, Lung Opacity, Pleural Effusion
+FORMAT_VERSION = 1     # bump when the shard layout changes; readers refuse other versions
+PATCH = 14             # patch size of the encoder (paper 2.1.1); the smallest usable image side
+LONG_SIDE = {'2d': 224, '3d': 112}   # paper 2.4: long side after resizing
+SHARD_SIZE = {'2d': 1024, '3d': 64}  # samples per shard: ~50 MB of 2D, ~60 MB of 3D at the paper's sizes
+CT_WINDOW = (2500.0, 250.0)          # (width, level) in HU, paper 2.4: [-1000, 1500] -> [-1, 1]
+SPLITS = ('train', 'val', 'test')
+COMPRESSION = None     # or 'lzf' (built into h5py): 3D shards ~30% smaller, 3D reads ~1-5 ms slower (README)
+Q = 127.0              # int8 quantisation: q = rint(x * Q); symmetric so -1, 0 and 1 are exact
+
+
+class BadInput(ValueError):
+    """An input that cannot become a sample (corrupt, NaN, constant, too small, ...). The message is the
+    human reason; preprocess_records skips the sample and lists it in its report."""
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read (truncated, wrong format version); the message says how to rebuild it."""
+
+
+# ----------------------------------------------------------------------------- preprocessing (paper 2.4)
+
+def xray_to_unit(img: np.ndarray) -> np.ndarray:
+    """Min-max normalise any numeric 2D array to float32 [-1, 1] (paper 2.4: min-max for X-rays)."""
+    x = np.asarray(img, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise BadInput(f"image has NaN or inf values ({np.count_nonzero(~np.isfinite(x))} pixels)")
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        raise BadInput(f"constant image (min = max = {lo:g})")
+    return np.clip((x - lo) * (2.0 / (hi - lo)) - 1.0, -1.0, 1.0)
+
+
+def hu_to_unit(hu: np.ndarray, width: float = CT_WINDOW[0], level: float = CT_WINDOW[1]) -> np.ndarray:
+    """CT window: [level - width/2, level + width/2] HU -> [-1, 1], clipped outside (paper 2.4)."""
+    x = (np.asarray(hu, dtype=np.float32) - level) * (2.0 / width)
+    return np.clip(x, -1.0, 1.0)
+
+
+def _resize(x: np.ndarray, size) -> np.ndarray:
+    """Resize a 2D or 3D float array to `size`. Axes that shrink use an area (box) filter, which averages
+    instead of skipping pixels: a 2500 px radiograph at 224 would otherwise alias its fine rib edges.
+    Axes that grow (thick CT slices) use linear interpolation. Both keep values inside the input range."""
+    size = tuple(int(s) for s in size)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if size == x.shape:
+        return x
+    t = torch.from_numpy(x)[None, None]  # (1, 1, *S)
+    down = tuple(min(s, d) for s, d in zip(size, x.shape))
+    if down != x.shape:
+        t = F.interpolate(t, size=down, mode='area')
+    if down != size:
+        t = F.interpolate(t, size=size, mode='bilinear' if x.ndim == 2 else 'trilinear', align_corners=False)
+    return t[0, 0].numpy()
+
+
+def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
+    """Resize a 2D (H, W) or 3D (Z, H, W) array so its longest axis is `long_side`, keeping the aspect ratio."""
+    scale = long_side / max(img.shape)
+    return _resize(img, [max(1, round(s * scale)) for s in img.shape])
+
+
+def resample_ct(hu: np.ndarray, spacing_zyx, long_side: int = LONG_SIDE['3d']) -> np.ndarray:
+    """Spacing-aware resize of a volume (any values): the physical extent shape * spacing keeps its
+    proportions, and the physically longest axis gets `long_side` voxels. So voxels come out isotropic
+    (up to rounding): 300 x 512 x 512 voxels of (1.5, 0.7, 0.7) mm span 450 x 358 x 358 mm -> 112 x 89 x 89."""
+    sp = np.asarray(spacing_zyx, dtype=np.float64)
+    if sp.shape != (3,) or not np.isfinite(sp).all() or (sp <= 0).any():
+        raise BadInput(f"invalid voxel spacing {tuple(spacing_zyx)}: need 3 positive mm values (z, y, x)")
+    extent = np.asarray(hu.shape) * sp  # mm
+    return _resize(hu, [max(1, round(e / extent.max() * long_side)) for e in extent])
+
+
+def _check_size(shape, what, long_side):
+    if min(shape) < PATCH:
+        raise BadInput(f"{what} is {'x'.join(map(str, shape))} after resizing its long side to {long_side}: "
+                       f"smaller than one {PATCH}-pixel patch (extreme aspect ratio or too few slices)")
+
+
+def preprocess_xray(img, long_side: int = LONG_SIDE['2d']) -> np.ndarray:
+    """Raw radiograph (H, W), any numeric dtype -> float32 (1, H', W') in [-1, 1], long side `long_side`."""
+    img = np.asarray(img)
+    if img.ndim != 2:
+        raise BadInput(f"expected a 2D grayscale image, got shape {img.shape}")
+    if img.dtype.kind not in 'uifb':
+        raise BadInput(f"non-numeric pixel type {img.dtype}")
+    x = resize_long_side(xray_to_unit(img), long_side)  # paper order: normalise, then downsize
+    _check_size(x.shape, 'image', long_side)
+    return x[None]  # (1, H, W)
+
+
+def preprocess_ct(hu, spacing_zyx, long_side: int = LONG_SIDE['3d']) -> np.ndarray:
+    """HU volume (Z, H, W) in canonical orientation + spacing (mm) -> float32 (1, Z', H', W') in [-1, 1].
+    Windowing comes first, so the resampling averages values already clipped to the window and
+    one 3000 HU metal voxel cannot smear brightness into its neighbours."""
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise BadInput(f"expected a 3D volume (Z, H, W), got shape {hu.shape}")
+    if hu.dtype.kind not in 'uif':
+        raise BadInput(f"non-numeric voxel type {hu.dtype}")
+    hu = hu.astype(np.float32, copy=False)
+    if not np.isfinite(hu).all():
+        raise BadInput(f"volume has NaN or inf values ({np.count_nonzero(~np.isfinite(hu))} voxels)")
+    if hu.min() == hu.max():
+        raise BadInput(f"constant volume (all voxels {float(hu.min()):g} HU)")
+    x = resample_ct(hu_to_unit(hu), spacing_zyx, long_side)
+    _check_size(x.shape, 'volume', long_side)
+    return x[None]  # (1, Z, H, W)
+
+
+# ----------------------------------------------------------------------------- shards
+
+def _quantise(x: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(x, -1.0, 1.0) * Q).astype(np.int8)
+
+
+def write_shard(path, samples: list, meta: dict | None = None):
+    """Write samples (dicts: image float32 (1, ...) in [-1, 1] or already int8, labels, id, patient_id,
+    study_id, modality, split, optional spacing) to one shard. Written to path.tmp, then renamed, so a
+    crash never leaves a half-written shard under the real name."""
+    n = len(samples)
+    imgs = [s['image'] if s['image'].dtype == np.int8 else _quantise(s['image']) for s in samples]
+    shape = np.array([(1,) + im.shape[1:] if im.ndim == 3 else im.shape[1:] for im in imgs], np.int32).reshape(n, 3)
+    offset = np.concatenate([[0], np.cumsum([im.size for im in imgs])]).astype(np.int64)
+    flat = np.concatenate([im.ravel() for im in imgs]) if n else np.zeros(0, np.int8)
+    tmp = str(path) + '.tmp'
+    with h5py.File(tmp, 'w') as h:
+        h.attrs['format_version'] = FORMAT_VERSION
+        h.attrs['labels'] = list(LABELS)
+        for k, v in (meta or {}).items():
+            h.attrs[k] = v
+        comp = COMPRESSION if flat.size else None  # 64 KiB chunks: a 2D read decompresses little beyond itself
+        h.create_dataset('image', data=flat, compression=comp, chunks=(min(flat.size, 1 << 16),) if comp else None)
+        h['offset'], h['shape'] = offset, shape
+        h['labels'] = np.array([s['labels'] for s in samples], np.float32).reshape(n, len(LABELS))
+        h['spacing'] = np.array([s.get('spacing', (np.nan,) * 3) for s in samples], np.float32).reshape(n, 3)
+        for k in ('id', 'patient_id', 'study_id', 'modality', 'split'):
+            h.create_dataset(k, data=np.array([str(s[k]) for s in samples], dtype=object), dtype=h5py.string_dtype())
+    os.replace(tmp, path)
+
+
+def _rebuild_hint(path) -> str:
+    """The command that built this shard, from its folder's report.json, to quote in errors."""
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        with open(os.path.join(folder, 'report.json')) as f:
+            for prefix, rep in json.load(f).items():
+                if name.startswith(prefix + '_'):
+                    return rep['command']
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    return f"the `python data.py <name> --root R --out {folder}` command that built it"
+
+
+def _open_shard(path) -> h5py.File:
+    """Open a shard read-only and check it; ShardError naming the file and the fix otherwise."""
+    try:
+        h = h5py.File(path, 'r')
+    except OSError as e:
+        raise ShardError(f"shard {path}: cannot be read, truncated or corrupt ({e}); delete it and re-run "
+                         f"{_rebuild_hint(path)} (finished shards are skipped)") from None
+    version = h.attrs.get('format_version')
+    if version != FORMAT_VERSION:
+        h.close()
+        raise ShardError(f"shard {path}: expected format_version {FORMAT_VERSION}, found {version}; delete the "
+                         f"old shards and re-run {_rebuild_hint(path)}")
+    try:
+        ok = list(h.attrs['labels']) == list(LABELS) and h['offset'][-1] == h['image'].shape[0]
+    except (KeyError, OSError):
+        ok = False
+    if not ok:
+        h.close()
+        raise ShardError(f"shard {path}: inconsistent contents (labels {list(LABELS)} and image size expected); "
+                         f"delete it and re-run {_rebuild_hint(path)}")
+    return h
+
+
+def _find_shards(path_or_glob) -> list:
+    p = str(path_or_glob)
+    return sorted(glob.glob(os.path.join(p, '*.h5')) if os.path.isdir(p) else glob.glob(p))
+
+
+def has_shards(path_or_glob) -> bool:
+    return bool(_find_shards(path_or_glob))
+
+
+def _prepare_one(load_fn, long_side, rec):
+    """Worker: load + preprocess one record. Returns (sample, None) or (None, reason)."""
+    try:
+        labels = rec.get('labels')
+        if labels is None:
+            raise BadInput('missing label row')
+        labels = np.asarray(labels, np.float32)
+        if labels.shape != (len(LABELS),):
+            raise BadInput(f"labels have shape {labels.shape}, expected ({len(LABELS)},) in order {LABELS}")
+        mod = rec['modality']
+        ls = long_side[mod] if isinstance(long_side, dict) else (long_side or LONG_SIDE[mod])
+        raw = load_fn(rec)
+        if mod == '2d':
+            raw = np.asarray(raw)
+            img = preprocess_xray(raw, ls)
+            sp_in = np.asarray(rec.get('spacing') if rec.get('spacing') is not None else (np.nan,) * 2,
+                               np.float64)[-2:]  # (row, col) mm if the source says
+            spacing = (np.nan, *(sp_in * np.array(raw.shape) / img.shape[1:]))
+        else:
+            hu, sp_in = raw
+            img = preprocess_ct(hu, sp_in, ls)
+            spacing = tuple(np.asarray(sp_in, np.float64) * np.shape(hu) / img.shape[1:])
+        keys = ('id', 'patient_id', 'study_id', 'modality', 'split')
+        return dict({k: rec[k] for k in keys}, image=_quantise(img), labels=labels, spacing=spacing), None
+    except BadInput as e:
+        return None, str(e)
+    except Exception as e:  # a decoder's own error on a corrupt file; counted, never silent
+        return None, f"unexpected {type(e).__name__}: {e}"
+
+
+def _worker_init():
+    torch.set_num_threads(1)  # one process per core already; more threads would oversubscribe
+
+
+def _records_sha(recs, load_fn, long_side) -> str:
+    """Fingerprint of what a shard is built from: a re-run with other records, labels (e.g. another
+    uncertainty policy), loader or size rebuilds the shard instead of skipping it."""
+    ls = sorted(long_side.items()) if isinstance(long_side, dict) else long_side
+    h = hashlib.sha1(json.dumps([FORMAT_VERSION, ls, getattr(load_fn, '__qualname__', '')]).encode())
+    for r in recs:
+        lab = r.get('labels')
+        h.update(f"{r['id']}\t{r.get('path', '')}\t{'-' if lab is None else np.asarray(lab, np.float32).tolist()}\n".encode())
+    return h.hexdigest()
+
+
+def _finished(path, sha):
+    """The failures recorded in a finished shard built from the same records, else None (rebuild)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with _open_shard(path) as h:
+            if h.attrs.get('records_sha') == sha:
+                return json.loads(h.attrs['failures']), len(h['offset']) - 1
+    except ShardError:
+        pass
+    return None
+
+
+def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=None, workers=None,
+                       long_side=None, command=None) -> dict:
+    """Load + preprocess records in parallel over CPU cores and write shards `{prefix}_{split}_{modality}_NNNNN.h5`
+    to out_dir. records: dicts with id, patient_id, study_id, split, labels (float32[5], NaN unknown),
+    modality ('2d'|'3d') and the adapter's own keys; load_fn(record) (a picklable top-level function)
+    returns the raw image, 2D (H, W) or 3D (hu (Z, H, W), spacing_zyx), or raises BadInput(reason).
+    long_side: None (paper sizes), an int, or {'2d': .., '3d': ..}. Shards already finished from the same
+    records are skipped. Returns the report (also merged into out_dir/report.json under `prefix`)."""
+    os.makedirs(out_dir, exist_ok=True)
+    command = command or f"python data.py {prefix} --root R --out {out_dir}"
+    groups, seen = {}, set()
+    for i, r in enumerate(records):
+        for k in ('id', 'patient_id', 'study_id', 'split', 'modality'):
+            if k not in r:
+                raise ValueError(f"{prefix} record {i} ({r.get('id', '?')}): missing field '{k}'")
+        if r['split'] not in SPLITS or r['modality'] not in LONG_SIDE:
+            raise ValueError(f"{prefix} record {r['id']}: split {r['split']!r} / modality {r['modality']!r}, "
+                             f"expected one of {SPLITS} / {tuple(LONG_SIDE)}")
+        if r['id'] in seen:
+            raise ValueError(f"{prefix} record {r['id']}: duplicate id")
+        seen.add(r['id'])
+        groups.setdefault((r['split'], r['modality']), []).append(r)
+    plan = []  # (shard path, its records)
+    for (split, mod), rs in sorted(groups.items()):
+        n = shard_size or SHARD_SIZE[mod]
+        plan += [(os.path.join(out_dir, f"{prefix}_{split}_{mod}_{k:05d}.h5"), rs[i:i + n])
+                 for k, i in enumerate(range(0, len(rs), n))]
+    rep = dict(command=command, written=0, skipped=0, failed=0, shards_written=0, shards_skipped=0, failures=[])
+    todo = []
+    for path, rs in plan:
+        sha = _records_sha(rs, load_fn, long_side)
+        done = _finished(path, sha)
+        if done is None:
+            todo.append((path, rs, sha))
+        else:  # earlier failures stay in the report: those samples are still missing
+            rep['skipped'] += done[1]
+            rep['shards_skipped'] += 1
+            rep['failures'] += done[0]
+    planned = {os.path.basename(p) for p, _ in plan}
+    rep['stale'] = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, f"{prefix}_*.h5"))
+                          if os.path.basename(p) not in planned)
+    flat = [r for _, rs, _ in todo for r in rs]
+    work = partial(_prepare_one, load_fn, long_side)
+    workers = min(workers or os.cpu_count() or 1, max(len(flat), 1))
+    # spawn, not fork: the parent may hold torch/OpenMP threads, and a forked child of those can hang
+    pool = mp.get_context('spawn').Pool(workers, initializer=_worker_init) if workers > 1 else None
+    results = pool.imap(work, flat, chunksize=2) if pool else map(work, flat)
+    from tqdm import tqdm
+    try:
+        with tqdm(total=len(flat), desc=f"{prefix} preprocess", dynamic_ncols=True, disable=not flat) as bar:
+            for path, rs, sha in todo:
+                samples, fails = [], []
+                for r in rs:
+                    s, why = next(results)
+                    bar.update()
+                    if s is None:
+                        fails.append(dict(file=str(r.get('path', r['id'])), id=r['id'], reason=why))
+                    else:
+                        samples.append(s)
+                write_shard(path, samples, dict(command=command, records_sha=sha, failures=json.dumps(fails),
+                                                long_side=json.dumps(long_side)))
+                rep['written'] += len(samples)
+                rep['shards_written'] += 1
+                rep['failures'] += fails
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    rep['failed'] = len(rep['failures'])
+    _save_report(out_dir, prefix, rep)
+    print(f"{prefix}: written {rep['written']} | skipped {rep['skipped']} (finished shards) | failed {rep['failed']}"
+          f" | shards {rep['shards_written']} written, {rep['shards_skipped']} skipped -> {out_dir}")
+    for f in rep['failures'][:20]:
+        print(f"  failed {f['file']}: {f['reason']}")
+    if rep['failed'] > 20:
+        print(f"  ... {rep['failed'] - 20} more in {os.path.join(out_dir, 'report.json')}")
+    if rep['stale']:
+        print(f"  warning: {len(rep['stale'])} shard(s) of '{prefix}' in {out_dir} are not from these records "
+              f"(e.g. {rep['stale'][0]}); ShardDataset would read them too: delete them")
+    if flat and rep['written'] == 0:  # a broken loader or wrong --root, not a few bad files
+        raise RuntimeError(f"{prefix}: all {len(flat)} records failed, nothing written (first: "
+                           f"{rep['failures'][-len(flat)]['file']}: {rep['failures'][-len(flat)]['reason']})")
+    return rep
+
+
+def _save_report(out_dir, prefix, rep):
+    path = os.path.join(out_dir, 'report.json')
+    try:
+        with open(path) as f:
+            all_reps = json.load(f)
+    except (OSError, ValueError):
+        all_reps = {}
+    all_reps[prefix] = rep
+    with open(path + '.tmp', 'w') as f:
+        json.dump(all_reps, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Samples of the shards in a folder (or matching a glob), optionally one split / modality.
+    The index (labels, ids, shapes) is read once here; the image bytes are read per item through h5py
+    handles opened lazily in the process that reads, so DataLoader workers never share a handle
+    inherited through fork (HDF5 handles are not fork-safe)."""
+
+    def __init__(self, path_or_glob, split=None, modality=None):
+        self.files = _find_shards(path_or_glob)
+        if not self.files:
+            raise FileNotFoundError(f"no shards (*.h5) at {path_or_glob}; build them with "
+                                    f"`python data.py <name> --root R --out DIR` (or `python data.py phantom --out DIR`)")
+        cols = {k: [] for k in ('file', 'start', 'stop', 'shape', 'labels', 'spacing', 'id', 'patient_id',
+                                'study_id', 'modality', 'split')}
+        for fi, path in enumerate(self.files):
+            with _open_shard(path) as h:
+                off = h['offset'][:]
+                strs = {k: h[k].asstr()[:] for k in ('id', 'patient_id', 'study_id', 'modality', 'split')}
+                keep = np.ones(len(off) - 1, bool)
+                if split is not None:
+                    keep &= strs['split'] == split
+                if modality is not None:
+                    keep &= strs['modality'] == modality
+                cols['file'].append(np.full(keep.sum(), fi))
+                cols['start'].append(off[:-1][keep])
+                cols['stop'].append(off[1:][keep])
+                for k in ('shape', 'labels', 'spacing'):
+                    cols[k].append(h[k][:][keep])
+                for k, v in strs.items():
+                    cols[k].append(v[keep])
+        for k, v in cols.items():
+            setattr(self, k, np.concatenate(v))
+        self.split_filter, self.modality_filter = split, modality
+        self._handles, self._pid = {}, None
+
+    def __len__(self):
+        return len(self.id)
+
+    def _handle(self, fi):
+        if self._pid != os.getpid():  # first read in this process (or a forked child): fresh handles
+            self._handles, self._pid = {}, os.getpid()
+        if fi not in self._handles:
+            self._handles[fi] = _open_shard(self.files[fi])
+        return self._handles[fi]
+
+    def __getstate__(self):  # pickled into spawned workers without open handles
+        return dict(self.__dict__, _handles={}, _pid=None)
+
+    def __getitem__(self, i):
+        z, hgt, wid = self.shape[i]
+        q = self._handle(self.file[i])['image'][self.start[i]:self.stop[i]]
+        img = (q / np.float32(Q)).astype(np.float32, copy=False)  # exact at -1, 0, 1
+        img = img.reshape((1, hgt, wid) if self.modality[i] == '2d' else (1, z, hgt, wid))
+        return dict(image=img, labels=self.labels[i].copy(), modality=str(self.modality[i]), id=str(self.id[i]),
+                    patient_id=str(self.patient_id[i]), study_id=str(self.study_id[i]), split=str(self.split[i]),
+                    spacing=self.spacing[i].copy())
+
+
+# ----------------------------------------------------------------------------- views (paper 2.2, 2.4)
+
+_NOISE = []  # per process: 4M standard normals (16 MB), made on first use
+
+
+def _noise(shape, rng) -> np.ndarray:
+    """Standard normal noise of `shape`: a window at a random offset of a fixed table. Drawing 1M fresh
+    normals per 3D view cost 14 ms, 12x the rest of the view; the window shifts per view, so views
+    still get unrelated noise."""
+    n = math.prod(shape)
+    if not _NOISE:
+        _NOISE.append(np.random.default_rng(12345).standard_normal(1 << 22, dtype=np.float32))
+    if n > _NOISE[0].size:
+        return rng.standard_normal(shape, dtype=np.float32)
+    o = int(rng.integers(0, _NOISE[0].size - n + 1))
+    return _NOISE[0][o:o + n].reshape(shape)
+
+
+class MultiCrop:
+    """V_g global + V_l local crops of one image (1, H, W) or volume (1, Z, H, W); global views first.
+
+    One code path for 2D and 3D: the d spatial axes (d = 2 or 3) are treated alike. A view covers a
+    fraction `scale` of the image's area (2D) or volume (3D), drawn uniformly from the range, with a
+    random aspect: each axis is stretched by exp(u_k), u_k ~ U(-log(a)/2, log(a)/2) recentred so the
+    stretches multiply to 1; so the side ratio of any two axes, relative to the image's own, lies in
+    `aspect` = (1/a, a). Sides are snapped to whole patches (>= 1 patch, <= what fits); a draw whose
+    snapped scale leaves the range is redrawn (up to `tries`, then the closest is kept). No resize: a
+    view keeps the native resolution, so the token count varies (the point of packing, 2.1.2).
+
+    Intensity augmentation, drawn independently PER VIEW (so it is a nuisance no two views share, and
+    crop-invariance cannot reward it; issue 6): contrast x(1 +- contrast) about the view's mean,
+    brightness +- brightness, Gaussian noise with sigma ~ U(0, noise); then clip to [-1, 1]. In CT
+    units 0.1 is 125 HU and 0.02 is 25 HU, about scanner noise.
+    No flips: chest anatomy is lateralised (heart and aortic arch left, liver right); a flipped chest is
+    dextrocardia, a real finding, and cardiomegaly is judged from the heart's left-sided bulge. No
+    rotations either: orientation is canonical for every source (see the module docstring)."""
+
+    def __init__(self, n_global=2, n_local=8, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
+                 aspect=(3 / 4, 4 / 3), patch=PATCH, brightness=0.1, contrast=0.2, noise=0.02, tries=10):
+        assert 0 < global_scale[0] <= global_scale[1] and 0 < local_scale[0] <= local_scale[1]
+        assert 0 < aspect[0] <= 1 <= aspect[1]
+        self.n_global, self.n_local, self.patch, self.tries = n_global, n_local, patch, tries
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.log_aspect = math.log(aspect[1] / aspect[0]) / 2  # half-width of each axis's log-stretch
+        self.brightness, self.contrast, self.noise = brightness, contrast, noise
+
+    def size(self, spatial, scale, rng) -> tuple:
+        """Patch-snapped view size for an image of spatial shape (H, W) or (Z, H, W)."""
+        d, p = len(spatial), self.patch
+        fit = [s // p for s in spatial]  # whole patches that fit per axis
+        assert min(fit) >= 1, f"image {spatial} smaller than one {p}-pixel patch (preprocessing should refuse it)"
+        best = None
+        for _ in range(self.tries):
+            s = rng.uniform(*scale)
+            u = rng.uniform(-self.log_aspect / 2, self.log_aspect / 2, d)
+            stretch = np.exp(u - u.mean())
+            n = [min(max(1, round(S * s ** (1 / d) * r / p)), f) for S, r, f in zip(spatial, stretch, fit)]
+            real = math.prod(n) * p ** d / math.prod(spatial)
+            err = max(scale[0] - real, real - scale[1], 0.0)
+            if best is None or err < best[0]:
+                best = (err, n)
+            if err == 0:
+                break
+        return tuple(k * p for k in best[1])
+
+    def augment(self, x, rng) -> np.ndarray:
+        c = 1.0 + rng.uniform(-self.contrast, self.contrast)
+        shift = float(x.mean(dtype=np.float32)) * (1.0 - c) + rng.uniform(-self.brightness, self.brightness)
+        y = x * np.float32(c) + np.float32(shift)  # contrast about the view's mean, then brightness
+        sigma = rng.uniform(0, self.noise)
+        if sigma > 0:
+            y += np.float32(sigma) * _noise(x.shape, rng)
+        return np.clip(y, -1.0, 1.0, out=y)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> list:
+        spatial = image.shape[1:]  # (H, W) or (Z, H, W)
+        views = []
+        for v in range(self.n_global + self.n_local):
+            size = self.size(spatial, self.global_scale if v < self.n_global else self.local_scale, rng)
+            corner = [rng.integers(0, S - s + 1) for S, s in zip(spatial, size)]
+            crop = image[(slice(None),) + tuple(slice(a, a + s) for a, s in zip(corner, size))]
+            views.append(self.augment(crop, rng))  # (1, h, w) or (1, z, h, w), a fresh contiguous array
+        return views
+
+
+# ----------------------------------------------------------------------------- mixed 2D/3D stream (paper 2.3)
+
+_PERMS = {}  # (n, seed, modality, epoch) -> permutation; a few per process (each worker keeps its own)
+
+
+def stream_index(n: int, seed: int, modality_id: int, k: int) -> int:
+    """Sample at position k of an endless stream over n samples: epoch k // n is a permutation seeded by
+    (seed, modality, epoch), so every sample is seen once per epoch. Pure function of its arguments."""
+    e = k // n
+    key = (n, seed, modality_id, e)
+    if key not in _PERMS:
+        if len(_PERMS) > 4:
+            _PERMS.clear()
+        _PERMS[key] = np.random.default_rng((seed, 0, modality_id, e)).permutation(n)
+    return int(_PERMS[key][k % n])
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Map-style over training steps: item s = this rank's whole collated batch of step s. The 2D (3D)
+    samples of global batch s are stream positions s*B .. s*B + B - 1 (B = world_size * b); rank r takes
+    the slice [r*b, (r+1)*b), so ranks never overlap, and the global batch does not depend on the number
+    of ranks. Crops are seeded by the stream position, so the batch is a pure function of (seed, s, rank)."""
+
+    def __init__(self, ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop):
+        self.parts = [(ds, b, m) for m, (ds, b) in enumerate(((ds2d, b2d), (ds3d, b3d))) if b]
+        for ds, b, m in self.parts:
+            if ds is None or len(ds) == 0:
+                raise ValueError(f"batch_{m + 2}d = {b} but there are no {m + 2}D samples; set it to 0 (stage 1 is 2D only)")
+        assert self.parts, "b2d + b3d must be positive"
+        self.rank, self.world_size, self.seed, self.crop = rank, world_size, seed, crop
+
+    def __len__(self):
+        return 1 << 62  # endless; DataLoader only needs the sampler's indices
+
+    def __getitem__(self, step):
+        views, labels, mods, ids = [], [], [], []
+        for ds, b, m in self.parts:
+            for i in range(b):
+                k = (step * self.world_size + self.rank) * b + i  # position in this modality's stream
+                item = ds[stream_index(len(ds), self.seed, m, k)]
+                views.append(self.crop(item['image'], np.random.default_rng((self.seed, 1, m, k))))
+                labels.append(item['labels'])
+                mods.append(item['modality'])
+                ids.append(item['id'])
+        return {'views': [[torch.from_numpy(vs[v]) for vs in views] for v in range(len(views[0]))],  # views[v][i]
+                'labels': torch.from_numpy(np.stack(labels)),  # (B, 5), NaN unknown
+                'modality': mods, 'id': ids, 'step': int(step)}
+
+
+def make_loader(ds2d, ds3d, b2d: int, b3d: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                start_step: int = 0, crop: MultiCrop = None, workers: int = 0, stop_step=None):
+    """This rank's batches from step `start_step` on (endless unless stop_step): b2d 2D samples then b3d
+    3D samples (stage 1: b3d = 0, ds3d may be None). Each batch is built whole by one DataLoader worker
+    and batches arrive in step order. Batch: {'views': views[v][i] float32 tensors (1, h, w) or
+    (1, z, h, w), global views first; 'labels': (B, 5); 'modality', 'id': lists of B; 'step': int}."""
+    ds = _StepBatches(ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop or MultiCrop())
+    steps = range(start_step, stop_step if stop_step is not None else 1 << 62)  # the sampler yields step numbers
+    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=steps, num_workers=workers,
+                                       persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+
+
+def _collate_whole(items, patch=PATCH):
+    """Whole images padded with -1 (air in the CT window, black on a radiograph) evenly up to whole
+    patches, which packing needs. Padding, not trimming: a 40-slice CT would lose 12 slices to a trim."""
+    out = []
+    for it in items:
+        x = it['image']
+        out.append(torch.from_numpy(np.pad(x, [(0, 0)] + [(-s % patch // 2, -s % patch - -s % patch // 2)
+                                                          for s in x.shape[1:]], constant_values=-1.0)))
+    return {'image': out, 'labels': torch.from_numpy(np.stack([it['labels'] for it in items])),
+            'modality': [it['modality'] for it in items], 'id': [it['id'] for it in items],
+            'patient_id': [it['patient_id'] for it in items]}
+
+
+def iterate_whole(ds, batch_size: int, rank: int = 0, world_size: int = 1, workers: int = 0, patch: int = PATCH):
+    """One pass over ds in order (rank r takes samples r, r + world_size, ...), no crop, no augmentation,
+    each image padded to whole patches (as probe.whole_view).
+    Batch: {'image': list of B tensors (1, H, W) / (1, Z, H, W), 'labels': (B, 5), 'modality', 'id',
+    'patient_id': lists}."""
+    sub = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
+    return torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       collate_fn=partial(_collate_whole, patch=patch))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    import adapters  # the real-data formats (adapters.py); imported here so data.py stays light
+    p = argparse.ArgumentParser(description="Preprocess a data set into shards (python data.py <name> --root R --out O)")
+    p.add_argument('name', choices=['phantom', *adapters.ADAPTERS])
+    p.add_argument('--root', help="the raw data set's folder (not for phantom)")
+    p.add_argument('--out', required=True, help="shard folder (several data sets may share one)")
+    p.add_argument('--workers', type=int, default=None, help="processes (default: all CPU cores)")
+    p.add_argument('--shard_size', type=int, default=None, help=f"samples per shard (default {SHARD_SIZE})")
+    p.add_argument('--long_side', type=int, default=None, help=f"override the long side (default {LONG_SIDE})")
+    adapters.add_adapter_args(p)
+    args = p.parse_args(argv)
+    if args.name == 'phantom':
+        import phantom  # lazily: the phantom world is only needed when asked for
+        return phantom.make(args.out, workers=args.workers)
+    if not args.root:
+        p.error(f"{args.name} needs --root, the folder of the raw data set")
+    records, load_fn = adapters.adapter_records(args.name, args)
+    return preprocess_records(records, load_fn, args.out, args.name, shard_size=args.shard_size,
+                              workers=args.workers, long_side=args.long_side,
+                              command=' '.join(['python', 'data.py', *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == '__main__':
+    main()
