@@ -78,7 +78,7 @@ class Attention(nn.Module):
         S = x.shape[0]
         q, k, v = self.qkv(x).view(S, 3, self.heads, self.head_dim).unbind(1)  # (S, H, Dh) each
         q, k = apply_rope_cs(q, *rope), apply_rope_cs(k, *rope)  # 3D RoPE in every layer (paper 2.1.1)
-        y = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, packed.seqlens)  # (S, H, Dh)
+        y = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, packed.groups)  # (S, H, Dh)
         return self.proj(y.reshape(S, -1))  # (S, D)
 
 

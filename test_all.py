@@ -199,7 +199,7 @@ def reference_attention(q, k, v, seqlens):
 
 def test_varlen_attention_matches_reference_fwd_bwd():
     torch.manual_seed(0)
-    seqlens = [1, 9, 64, 27, 1, 128, 2, 48]  # 2D local (9) ... 3D global (128), and length 1
+    seqlens = [1, 9, 64, 27, 1, 128, 9, 2, 48, 27, 9]  # 2D local (9) ... 3D global (128), length 1, repeats
     S, H, Dh = sum(seqlens), 3, 16
     cu = torch.tensor([0] + torch.tensor(seqlens).cumsum(0).tolist(), dtype=torch.int32)
     q, k, v = (torch.randn(S, H, Dh, requires_grad=True) for _ in range(3))

@@ -1,0 +1,276 @@
+"""
+Measure the efficiency claim of paper section 2.1.2 (packing removes padding overhead) and where time
+goes, on the current device, in one run. Medians over repetitions after warm-up.
+
+    python bench.py                      # CPU: tiny preset, ~2 minutes
+    python bench.py --preset=small       # CUDA: also model TFLOP/s vs the device's matmul TFLOP/s
+
+1. packed vs padded: one full training step (encoder + projector + LeJEPA loss, backward, AdamW) on a
+   realistic mixed batch (3 2D : 1 3D samples, 2 global + 8 local views each, from the real view
+   sampler on phantom shards), (a) packed through the project's attention path, (b) padded to the
+   longest view with a key-padding mask. ideal_ratio = FLOPs(padded) / FLOPs(packed) (block linears
+   and attention counted), speedup = time(padded) / time(packed), efficiency = speedup / ideal_ratio.
+2. scaling: step time and peak memory at 1x, 2x, 4x the batch; the share of the step spent in patch
+   embedding, attention, MLP, SIGReg and the optimizer.
+3. loader: views per second per DataLoader worker, 2D and 3D, from shards through the real sampler.
+4. CUDA only: achieved model TFLOP/s for 'small' and 'base' in bf16 next to a large bf16 matmul.
+The last line printed is one JSON object with every figure.
+"""
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from lejepa import Projector, lejepa_loss
+from model import ModelConfig, SparseMedicalViT, PRESETS
+from pack import pack_views
+from rope3d import apply_rope_cs, rope_cos_sin
+from train import configure
+
+# -----------------------------------------------------------------------------
+preset = "tiny"            # model preset for parts 1-2 ('tiny' | 'small' | 'base')
+data_dir = "data/phantom"  # phantom shards (generated on first use)
+samples_2d = 12            # reference batch: 2D samples (3 : 1 with 3D, as the paper's 192 : 64)
+samples_3d = 4             # reference batch: 3D samples
+reps = 5                   # timed repetitions (median) after one warm-up
+loader_views = 400         # views drawn per loader measurement
+device = "auto"            # 'auto' | 'cpu' | 'cuda'
+threads = 2                # torch CPU threads
+seed = 0
+# -----------------------------------------------------------------------------
+
+
+def padded_encoder_forward(enc: SparseMedicalViT, packed):
+    """The same encoder computed the conventional way: every view padded to the longest one,
+    (N, L, D) tensors, attention with a key-padding mask, masked mean pooling. Same weights."""
+    cfg, N, L = enc.cfg, packed.num_views, packed.max_seqlen
+    H, Dh = cfg.heads, cfg.dim // cfg.heads
+    x = enc.patch_embed(packed)  # (S, D), identical in both variants
+    pos = torch.arange(packed.num_tokens, device=x.device) - packed.cu_seqlens[:-1].long()[packed.view_ids]
+    valid = torch.zeros(N, L, dtype=torch.bool, device=x.device)
+    valid[packed.view_ids, pos] = True                                              # (N, L)
+    xp = x.new_zeros(N, L, cfg.dim)
+    xp[packed.view_ids, pos] = x                                                    # (N, L, D)
+    coords = packed.coords.new_zeros(N, L, 3)
+    coords[packed.view_ids, pos] = packed.coords
+    cos, sin = rope_cos_sin(coords.view(N * L, 3), Dh, cfg.rope_base)
+    mask = valid[:, None, None, :]                                                  # (N, 1, 1, L) keys
+    for b in enc.blocks:
+        h = b.ln1(xp)
+        q, k, v = b.attn.qkv(h).view(N * L, 3, H, Dh).unbind(1)                     # (N*L, H, Dh)
+        q, k = apply_rope_cs(q, cos, sin), apply_rope_cs(k, cos, sin)
+        q, k, v = (t.view(N, L, H, Dh).transpose(1, 2) for t in (q, k, v))          # (N, H, L, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                 # (N, H, L, Dh)
+        xp = xp + b.attn.proj(y.transpose(1, 2).reshape(N, L, cfg.dim))
+        xp = xp + b.mlp(b.ln2(xp))
+    xp = enc.norm(xp) * valid[..., None]
+    return xp.sum(1) / valid.sum(1, keepdim=True)                                   # (N, D)
+
+
+def step_flops(cfg: ModelConfig, seqlens, proj_params=0) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) of the blocks' linears and attention."""
+    D, f = cfg.dim, cfg.mlp_ratio
+    lin = sum(seqlens) * cfg.depth * 2 * (4 * D * D + 2 * f * D * D)  # qkv + proj + mlp, 2 FLOPs per MAC
+    att = sum(L * L for L in seqlens) * cfg.depth * 4 * D              # q k^T and att v
+    return 3 * (lin + att + 2 * len(seqlens) * proj_params)
+
+
+def median_time(fn, reps: int, sync) -> float:
+    fn()  # warm-up
+    sync()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def reference_batch(ds2d, ds3d, n2d, n3d, crop, seed):
+    """Views of a realistic mixed batch, view-major (global views first), from the real sampler."""
+    rng = np.random.default_rng(seed)
+    per_sample = [crop(ds2d[i]["image"], rng) for i in range(n2d)] + [crop(ds3d[i]["image"], rng) for i in range(n3d)]
+    V = len(per_sample[0])
+    return [torch.from_numpy(np.ascontiguousarray(per_sample[i][v])) for v in range(V) for i in range(len(per_sample))], V
+
+
+def main(cfg):
+    torch.set_num_threads(cfg["threads"])
+    dev = torch.device("cuda" if (cfg["device"] == "auto" and torch.cuda.is_available()) or cfg["device"] == "cuda" else "cpu")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    if not data.has_shards(cfg["data_dir"]):
+        import phantom
+        phantom.make(cfg["data_dir"])
+    ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d")
+    ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d")
+    crop = data.MultiCrop()
+    out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu x{cfg['threads']} threads",
+           "torch": str(torch.__version__), "preset": cfg["preset"]}
+
+    # 1. packed vs padded, one full training step
+    torch.manual_seed(cfg["seed"])
+    mcfg = ModelConfig(**PRESETS[cfg["preset"]])
+    enc, proj = SparseMedicalViT(mcfg).to(dev), Projector(mcfg.dim, 1024, 128).to(dev)
+    params = list(enc.parameters()) + list(proj.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+    views, V = reference_batch(ds2d, ds3d, cfg["samples_2d"], cfg["samples_3d"], crop, cfg["seed"])
+    packed = pack_views(views, mcfg.patch).to(dev)
+    B = cfg["samples_2d"] + cfg["samples_3d"]
+    print(f"{enc.describe(dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)}")
+    print(f"reference batch: {cfg['samples_2d']} 2D + {cfg['samples_3d']} 3D samples x {V} views = {len(views)} views, "
+          f"{packed.num_tokens} tokens, views of {min(packed.seqlens)}-{packed.max_seqlen} tokens")
+
+    def step(forward):
+        def run():
+            with amp:
+                z = proj(forward(enc, packed)).float().view(V, B, -1)
+                loss, _, _ = lejepa_loss(z, n_global=2, lam=0.025, num_slices=1024, step=0)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+    t_packed = median_time(step(lambda e, p: e(p)), cfg["reps"], sync)
+    t_padded = median_time(step(padded_encoder_forward), cfg["reps"], sync)
+    proj_params = sum(p.numel() for p in proj.parameters())
+    f_packed = step_flops(mcfg, packed.seqlens, proj_params)
+    f_padded = step_flops(mcfg, [packed.max_seqlen] * packed.num_views, proj_params)
+    ideal, speedup = f_padded / f_packed, t_padded / t_packed
+    out.update(tokens=packed.num_tokens, padded_tokens=packed.max_seqlen * packed.num_views,
+               step_s_packed=t_packed, step_s_padded=t_padded, ideal_ratio=ideal, speedup=speedup,
+               efficiency=speedup / ideal, tok_s_packed=packed.num_tokens / t_packed,
+               tok_s_padded=packed.num_tokens / t_padded)
+    print(f"\n1. packed vs padded (full LeJEPA step, median of {cfg['reps']})")
+    print(f"   packed {t_packed * 1e3:8.1f} ms  {out['tok_s_packed'] / 1e3:7.1f}k tok/s")
+    print(f"   padded {t_padded * 1e3:8.1f} ms  {out['tok_s_padded'] / 1e3:7.1f}k tok/s (real tokens)  "
+          f"{out['padded_tokens']} tokens computed")
+    print(f"   ideal_ratio {ideal:.2f}  speedup {speedup:.2f}  efficiency {speedup / ideal:.2f}")
+
+    # 2. scaling with the batch, and where the time goes
+    print("\n2. scaling")
+    out["scaling"] = []
+    for mult in (1, 2, 4):
+        vs, _ = reference_batch(ds2d, ds3d, cfg["samples_2d"] * mult, cfg["samples_3d"] * mult, crop, cfg["seed"] + mult)
+        pk = pack_views(vs, mcfg.patch).to(dev)
+        Bm = B * mult
+
+        def run(pk=pk, Bm=Bm):
+            with amp:
+                z = proj(enc(pk)).float().view(V, Bm, -1)
+                loss, _, _ = lejepa_loss(z, n_global=2, lam=0.025, num_slices=1024, step=0)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = median_time(run, max(2, cfg["reps"] // 2), sync)
+        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
+        out["scaling"].append(dict(batch=mult, tokens=pk.num_tokens, step_s=t, peak_gib=mem))
+        print(f"   {mult}x: {pk.num_tokens:6d} tokens  {t * 1e3:8.1f} ms  {pk.num_tokens / t / 1e3:7.1f}k tok/s  "
+              f"peak {mem:.2f} GiB" + ("" if dev.type == "cuda" else " (CPU: peak memory not tracked)"))
+    out["breakdown"] = breakdown(enc, proj, opt, packed, V, B, amp, sync, cfg["reps"])
+    tot = sum(out["breakdown"].values())
+    print("   share of the step: " + ", ".join(f"{k} {v / tot:.0%}" for k, v in out["breakdown"].items())
+          + f"  (sum of parts {tot * 1e3:.0f} ms vs step {t_packed * 1e3:.0f} ms)")
+
+    # 3. loader throughput per worker (the main process is one worker)
+    print("\n3. loader (views/s per worker, HDF5 shards -> real sampler -> tensors)")
+    for name, b2, b3 in (("2d", 16, 0), ("3d", 0, 8)):
+        loader = data.make_loader(ds2d if b2 else None, ds3d if b3 else None, b2, b3, crop=crop, workers=0, seed=1)
+        it, n, t = iter(loader), 0, time.perf_counter()
+        while n < cfg["loader_views"]:
+            n += sum(len(v) for v in next(it)["views"])
+        out[f"loader_views_s_{name}"] = n / (time.perf_counter() - t)
+        print(f"   {name}: {out[f'loader_views_s_{name}']:8.0f} views/s per worker")
+    views_per_step = len(views)
+    per_view = (cfg["samples_2d"] / out["loader_views_s_2d"] + cfg["samples_3d"] / out["loader_views_s_3d"]) * V / views_per_step
+    out["workers_needed"] = views_per_step / t_packed * per_view
+    print(f"   workers needed to feed the measured packed step: {out['workers_needed']:.2f}")
+
+    # 4. CUDA: model FLOP/s against the device's own matmul FLOP/s
+    if dev.type == "cuda":
+        out["cuda"] = cuda_utilisation(ds2d, ds3d, crop, cfg, sync)
+    print(json.dumps(out))
+    return out
+
+
+def breakdown(enc, proj, opt, packed, V, B, amp, sync, reps):
+    """Forward + backward time of each part, measured alone on the reference batch."""
+    cfg = enc.cfg
+    with torch.no_grad(), amp:
+        x = enc.patch_embed(packed)
+    rope = rope_cos_sin(packed.coords, cfg.dim // cfg.heads, cfg.rope_base)
+    x = x.detach().float().requires_grad_()
+    z = torch.randn(V, B, 128, device=x.device, requires_grad=True)
+    b = enc.blocks[0]
+
+    def fb(f):
+        def run():
+            with amp:
+                y = f()
+            y.float().sum().backward()
+        return run
+    parts = {
+        "patch_embed": median_time(fb(lambda: enc.patch_embed(packed)), reps, sync),
+        "attention": cfg.depth * median_time(fb(lambda: b.attn(b.ln1(x), rope, packed)), reps, sync),
+        "mlp": cfg.depth * median_time(fb(lambda: b.mlp(b.ln2(x))), reps, sync),
+        "sigreg": median_time(fb(lambda: lejepa_loss(z, 2, 0.025, 1024, 0)[0]), reps, sync),
+    }
+    for p in list(enc.parameters()) + list(proj.parameters()):
+        p.grad = torch.zeros_like(p)
+    parts["optimizer"] = median_time(opt.step, reps, sync)
+    opt.zero_grad(set_to_none=True)
+    return parts
+
+
+def cuda_utilisation(ds2d, ds3d, crop, cfg, sync) -> dict:
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    t = median_time(lambda: a @ b, 10, sync)
+    peak = 2 * n ** 3 / t / 1e12
+    res = {"matmul_bf16_tflops": peak}
+    print(f"\n4. CUDA: bf16 {n}^3 matmul {peak:.0f} TFLOP/s")
+    import pack
+    paths = ["flash"] if pack.flash_attn_varlen_func is not None else []
+    paths += ["torch_varlen"] if pack.varlen_attn is not None else []
+    for name in ("small", "base"):
+        mcfg = ModelConfig(**PRESETS[name])
+        enc, proj = SparseMedicalViT(mcfg).cuda(), Projector(mcfg.dim, 1024, 128).cuda()
+        opt = torch.optim.AdamW(list(enc.parameters()) + list(proj.parameters()), lr=1e-4, fused=True)
+        views, V = reference_batch(ds2d, ds3d, 48, 16, crop, cfg["seed"])
+        packed = pack_views(views, mcfg.patch).to("cuda")
+        flops = step_flops(mcfg, packed.seqlens, sum(p.numel() for p in proj.parameters()))
+        for path in paths:
+            saved = pack.flash_attn_varlen_func
+            if path == "torch_varlen":
+                pack.flash_attn_varlen_func = None  # dispatch falls through to torch's varlen_attn
+
+            def run():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    z = proj(enc(packed)).float().view(V, 64, -1)
+                    loss, _, _ = lejepa_loss(z, 2, 0.025, 1024, 0)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            t = median_time(run, cfg["reps"], sync)
+            pack.flash_attn_varlen_func = saved
+            tf = flops / t / 1e12
+            res[f"{name}_{path}_tflops"] = tf
+            res[f"{name}_{path}_mfu"] = tf / peak
+            print(f"   {name:5s} {path:12s} {t * 1e3:7.1f} ms/step  {tf:6.1f} TFLOP/s  = {tf / peak:.0%} of matmul")
+    return res
+
+
+if __name__ == "__main__":
+    defaults = {k: v for k, v in globals().items() if k in
+                ("preset", "data_dir", "samples_2d", "samples_3d", "reps", "loader_views", "device", "threads", "seed")}
+    main(configure(defaults, sys.argv[1:]))
