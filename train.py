@@ -337,6 +337,7 @@ def main(cfg: dict):
     print0(f"done: checkpoint {ckpt_path} (step {step})")
     print0(f"next: python probe.py --ckpt={ckpt_path}")
     if ddp:
+        del model  # the DDP wrapper must go before its process group (else exit can hang or abort)
         dist.destroy_process_group()
     return net
 

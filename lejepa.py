@@ -1,0 +1,174 @@
+"""
+The LeJEPA objective (paper section 2.2; Balestriero & LeCun 2025, arXiv 2511.08544):
+
+    L = (1 - lam) * L_pred + lam * SIGReg
+
+- `epps_pulley`: the Epps-Pulley statistic of each column against N(0, 1), by quadrature on t >= 0.
+- `sigreg`: its mean over random unit directions (slices), redrawn every step from the step number.
+- `lejepa_loss`: prediction loss to the centroid of the global views, plus SIGReg per view.
+- `Projector`: the MLP head whose output both terms see (the probe uses the backbone embedding).
+
+Under DDP every rank gets the statistic of the GLOBAL batch, with exact gradients (see epps_pulley).
+Everything here runs in fp32, whatever the autocast. Nothing runs on import.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+
+# Quadrature of the Epps-Pulley integral. The integrand is even in t, so only t in [0, T_MAX] is
+# evaluated. T_MAX = 5: the window exp(-t^2/2) makes the tails beyond +-5 at most 6e-6 * N for any
+# input (|phi_N - phi|^2 <= 4), 1.4e-6 * N for a collapsed one. N_KNOTS sets the spacing h = T_MAX / (N_KNOTS - 1); the trapezoid rule on
+# a Gaussian-windowed integrand is exact up to aliasing ~exp(-(2*pi/h - |x_j - x_k|)^2 / 2), so a
+# coarse grid fails on WIDE inputs. LeJEPA's listing (17 knots on [-5, 5], h = 0.625) is off by
+# ~11% on 3*N(0,1); 65 knots (h = 0.078) is exact to <1e-4 relative up to 10*N(0,1) (measured
+# against the closed form; see README_wip_lejepa.md). Cost and memory are linear in N_KNOTS.
+T_MAX = 5.0
+N_KNOTS = 65
+NUM_SLICES = 1024  # random directions per SIGReg evaluation (LeJEPA's recommendation)
+
+# L_pred convention: the MEAN over feature dims of (mu - z_v)^2, as the official LeJEPA code
+# (`(centers - proj).square().mean()`), not the paper's squared L2 norm (a sum, K times larger).
+# LeJEPA's lambdas (0.02-0.05), and presumably the paper's 0.025, go with it: the sum would scale
+# L_pred by K (128) and so shrink the effective lambda ~K-fold.
+#
+# lambda and the batch: EP = N * integral, so for a non-Gaussian embedding SIGReg (and its gradient)
+# grows linearly with the number N of samples per view in one evaluation (global over ranks), while
+# L_pred does not depend on N. The balance is set by lam/(1-lam) * N. The paper's lam = 0.025 at
+# N = 256 gives 0.025/0.975 * 256 = 6.56. Keeping that at a smaller batch needs
+#   lam/(1-lam) = 6.56 / N:  N = 128 -> lam 0.049;  N = 64 -> 0.093;  N = 32 -> 0.170;  N = 16 -> 0.291.
+# N is the batch of one lejepa_loss call: with micro-batches (gradient accumulation) it is the
+# micro-batch summed over ranks, not the optimizer batch. The default below stays at the paper's.
+LAM = 0.025
+
+
+class _CosSinSums(torch.autograd.Function):
+    """For x (M, N) and knots t (T,): sum_j cos(t x_j) and sum_j sin(t x_j) per column -> (2, M, T).
+    The backward is written out, d/dx cos(tx) = -t sin(tx) and d/dx sin(tx) = t cos(tx), so that it
+    reuses the cos and sin of the forward as two batched matmuls; plain autograd recomputes both
+    (about 2x slower fwd+bwd on CPU, measured). Checked against autograd by gradcheck in the tests."""
+
+    @staticmethod
+    def forward(ctx, x, t):
+        xt = x.unsqueeze(-1) * t  # (M, N, T)
+        c, s = xt.cos(), xt.sin()
+        ctx.save_for_backward(c, s, t)
+        return torch.stack([c.sum(1), s.sum(1)])  # (2, M, T)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # g: (2, M, T)
+        c, s, t = ctx.saved_tensors
+        gx = torch.bmm(c, (g[1] * t).unsqueeze(-1)) - torch.bmm(s, (g[0] * t).unsqueeze(-1))  # (M, N, 1)
+        return gx.squeeze(-1), None
+
+
+def _ecf(x: torch.Tensor, t: torch.Tensor, n_global: int | None):
+    """Empirical characteristic function of each column of x (N, M) at knots t (T,): the means of
+    cos(t x) and sin(t x) over the GLOBAL batch, (M, T) each, and the global sample count (a tensor)."""
+    sums = _CosSinSums.apply(x.t(), t)  # (2, M, T)
+    n = torch.tensor(float(x.shape[0]), device=x.device)
+    if dist.is_available() and dist.is_initialized():
+        # collective: every rank must call this. The autograd-aware all_reduce RETURNS the sum; the
+        # input is left untouched, so using `sums` afterwards would silently give the local statistic
+        # and wrong gradients. Its backward all-reduces the incoming gradient (a SUM), so each rank's
+        # input gradient is world_size times the single-process one; DDP's gradient averaging divides
+        # that factor out again, which makes the parameter gradients exact.
+        sums = dist_nn.all_reduce(sums, op=dist.ReduceOp.SUM)
+        if n_global is None:  # count across ranks, so unequal per-rank batches are exact too
+            dist.all_reduce(n)  # collective; no gradient flows through a count
+    if n_global is not None:
+        n = torch.full_like(n, float(n_global))
+    cos_mean, sin_mean = sums / n  # (M, T) each: the sum over all ranks / global N = the global mean
+    return cos_mean, sin_mean, n
+
+
+def epps_pulley(x: torch.Tensor, n_global: int | None = None) -> torch.Tensor:
+    """Epps-Pulley statistic of each column of x (N, M) against N(0, 1), in fp32 -> (M,):
+
+        EP = N * integral_R |phi_N(t) - exp(-t^2/2)|^2 * exp(-t^2/2) dt,  phi_N(t) = mean_j exp(i t x_j)
+
+    Under an initialised process group, x is this rank's share and the statistic is that of the
+    batch concatenated over ranks. n_global is that global count if the caller knows it; by default
+    it is counted in a collective. Without a process group, N = x.shape[0]."""
+    if not (dist.is_available() and dist.is_initialized()) and n_global not in (None, x.shape[0]):
+        raise ValueError(f"lejepa.epps_pulley: n_global={n_global} but x has {x.shape[0]} rows and there is "
+                         f"no process group; pass n_global=None in a single process")
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        t = torch.linspace(0.0, T_MAX, N_KNOTS, device=x.device)  # (T,)
+        gauss = torch.exp(-0.5 * t * t)  # (T,) the N(0,1) characteristic function, also the window
+        # trapezoid on [-T_MAX, T_MAX] folded onto t >= 0: t = 0 once (h), interior knots twice (2h),
+        # the end knot twice at half weight (h)
+        h = T_MAX / (N_KNOTS - 1)
+        w = torch.full_like(t, 2 * h)
+        w[0] = w[-1] = h
+        cos_mean, sin_mean, n = _ecf(x, t, n_global)
+        err = (cos_mean - gauss) ** 2 + sin_mean ** 2  # (M, T) |phi_N(t) - phi(t)|^2
+        return n * (err @ (w * gauss))  # (M,)
+
+
+def random_directions(dim: int, num_slices: int, step: int, device=None) -> torch.Tensor:
+    """(dim, num_slices) unit columns, a function of `step` alone, so every rank draws the same ones
+    and a resumed run draws what the uninterrupted run would have. Drawn on the CPU in fp32 (so also
+    the same on CPU and GPU runs), then moved."""
+    g = torch.Generator(device="cpu").manual_seed(int(step))
+    a = torch.randn(dim, num_slices, generator=g)  # (K, M)
+    # guard a zero-norm column: 0/0 would be NaN (a failure seen with bf16 directions elsewhere)
+    a = a / a.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    return a.to(device)
+
+
+def sigreg(z: torch.Tensor, num_slices: int = NUM_SLICES, step: int = 0) -> torch.Tensor:
+    """SIGReg: the mean Epps-Pulley statistic of z (N, K) over `num_slices` random unit directions,
+    in fp32. z may also be (V, N, K): then it is SIGReg per view, averaged over views, in one
+    quadrature (and one collective under DDP)."""
+    views = z if z.dim() == 3 else z.unsqueeze(0)  # (V, N, K)
+    V, N, K = views.shape
+    with torch.autocast(z.device.type, enabled=False):  # the projection too: bf16 would round x to 3 digits
+        a = random_directions(K, num_slices, step, z.device)  # (K, M)
+        x = views.float() @ a  # (V, N, M)
+        x = x.transpose(0, 1).reshape(N, V * num_slices)  # (N, V*M): each column one view's slice
+        return epps_pulley(x).mean()  # equal slices per view, so mean over all = mean of view means
+
+
+def lejepa_loss(z: torch.Tensor, n_global: int = 2, lam: float = LAM, num_slices: int = NUM_SLICES,
+                step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z: (V, N, K) projector outputs, view-major, the n_global global views first.
+    Returns (total, pred, sigreg) with total = (1 - lam) * pred + lam * sigreg, all fp32 scalars.
+    pred = mean over all V views of mean((mu - z_v)^2) with mu the centroid of the global views;
+    no stop-gradient on mu (LeJEPA needs none). pred is local to this rank (DDP's averaging of
+    gradients makes it the global mean for equal per-rank batches); sigreg is global."""
+    if z.dim() != 3 or not 1 <= n_global <= z.shape[0]:
+        raise ValueError(f"lejepa.lejepa_loss: expected z of shape (V, N, K) with 1 <= n_global <= V, got "
+                         f"{tuple(z.shape)} and n_global={n_global}; reshape the projector output view-major")
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.float()
+        mu = z[:n_global].mean(0)  # (N, K)
+        pred = (mu - z).pow(2).mean()  # mean over views, samples and feature dims (see LAM above)
+        sig = sigreg(z, num_slices=num_slices, step=step)
+        return (1 - lam) * pred + lam * sig, pred, sig
+
+
+class Projector(nn.Module):
+    """The head that L_pred and SIGReg see: Linear -> LayerNorm -> ReLU, twice, then Linear.
+
+    As LeJEPA's minimal example (torchvision MLP(in, [2048, 2048, 128], norm_layer=BatchNorm1d)),
+    but with LayerNorm in place of BatchNorm: BatchNorm normalises with per-rank batch statistics, so a sample's output
+    would depend on which other samples share its rank and micro-batch, breaking both the exact
+    DDP equivalence above and batch invariance. LayerNorm is per sample. The output is linear (no
+    norm, no activation) so it is free to become an isotropic Gaussian. out_dim = 128 is the space
+    SIGReg acts on: 1024 directions cover 128 dims well (LeJEPA), and the quadrature's memory is
+    independent of it. The probe reads the backbone embedding, not this output."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (..., out_dim)
