@@ -27,6 +27,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 import lejepa
 from lejepa import Projector, epps_pulley, lejepa_loss, random_directions, sigreg
+from sklearn.metrics import roc_auc_score
+import probe
+import ast
+import errno
+import hashlib
+import shutil
+import signal
+import subprocess
+from data import ShardDataset, ShardError
 torch.set_num_threads(2)
 P = 14
 
@@ -1332,3 +1341,645 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for r in (r0, r1):
         torch.testing.assert_close(r["sig_unequal"], sig_y.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["ep_explicit_n"], epps_pulley(y), rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# probe.py: AUROC, bootstrap CI, probes, table/JSON end to end
+
+torch.set_num_threads(2)
+
+
+def random_scores(seed, n=300, k=5, nan_frac=0.1, ties=False):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, k)) < 0.3).astype(np.float64)
+    s = rng.normal(size=(n, k)) + 0.8 * y  # informative, so AUROC is away from 0.5
+    if ties:
+        s = np.round(s, 1)  # many tied scores: the 1/2 credit for ties matters
+    y[rng.random((n, k)) < nan_frac] = np.nan
+    return y, s
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_auroc_matches_sklearn(ties):
+    y, s = random_scores(0, ties=ties)
+    w = np.random.default_rng(1).integers(0, 4, len(y)).astype(float)  # bootstrap-like weights, some 0
+    for k in range(y.shape[1]):
+        m = ~np.isnan(y[:, k])
+        assert probe.auroc(y[:, k], s[:, k]) == pytest.approx(roc_auc_score(y[m, k], s[m, k]), abs=1e-12)
+        ref = roc_auc_score(y[m, k], s[m, k], sample_weight=w[m])
+        assert probe.auroc(y[:, k], s[:, k], w) == pytest.approx(ref, abs=1e-12)
+    assert np.isnan(probe.auroc(np.zeros(5), np.arange(5.0)))  # one class only: undefined
+
+
+def test_bootstrap_ci_matches_explicit_resampling():
+    """Reference: draw the same patients, materialise the resampled rows, sklearn on each."""
+    y, s = random_scores(2, n=120)
+    patients = np.random.default_rng(3).integers(0, 40, len(y)).astype(str)  # ~3 samples per patient
+    lo, hi = probe.bootstrap_ci(y, s, patients, n_boot=200, seed=7)
+    uniq, pid = np.unique(patients, return_inverse=True)
+    draws = np.random.default_rng(7).integers(0, len(uniq), size=(200, len(uniq)))
+    rows_of = [np.flatnonzero(pid == p) for p in range(len(uniq))]
+    macros = []
+    for d in draws:
+        idx = np.concatenate([rows_of[p] for p in d])
+        aucs = []
+        for k in range(y.shape[1]):
+            yk, sk = y[idx, k], s[idx, k]
+            m = ~np.isnan(yk)
+            if len(np.unique(yk[m])) == 2:
+                aucs.append(roc_auc_score(yk[m], sk[m]))
+        macros.append(np.mean(aucs))
+    ref = np.percentile(macros, [2.5, 97.5])
+    assert (lo, hi) == pytest.approx(tuple(ref), abs=1e-12)
+    point = np.mean([probe.auroc(y[:, k], s[:, k]) for k in range(5)])
+    assert lo < point < hi and hi - lo < 0.3
+
+
+def synthetic_features(seed, n, informative):
+    """Labels from a linear rule of the features (separable) or independent of them."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    w = np.random.default_rng(99).normal(size=(16, 5))  # the same rule for train, val and test
+    y = (x @ w > 0).astype(np.float32) if informative else (rng.random((n, 5)) < 0.4).astype(np.float32)
+    return x, y
+
+
+@pytest.mark.parametrize("informative,expected", [(True, 1.0), (False, 0.5)])
+def test_probe_separable_and_chance(informative, expected):
+    (xtr, ytr), (xva, yva), (xte, yte) = (synthetic_features(i, n, informative) for i, n in ((0, 400), (1, 200), (2, 1000)))
+    p = probe.fit_probe(xtr, ytr, xva, yva, Cs=(0.1, 1.0, 10.0))
+    s = probe.predict(p, xte)
+    aucs = [probe.auroc(yte[:, k], s[:, k]) for k in range(5)]
+    assert np.mean(aucs) == pytest.approx(expected, abs=0.03 if informative else 0.04)
+
+
+def test_probe_masks_nan_labels():
+    """NaN labels are left out of the fit: hiding labels must not change the probe beyond what
+    dropping those rows does, and a NaN must never be read as a class (it would crash sklearn)."""
+    xtr, ytr = synthetic_features(0, 300, True)
+    xva, yva = synthetic_features(1, 100, True)
+    ytr_nan = ytr.copy()
+    hidden = np.random.default_rng(5).random(ytr.shape) < 0.3
+    ytr_nan[hidden] = np.nan
+    yva_nan = yva.copy()
+    yva_nan[:50, 2] = np.nan
+    scaler, clfs = probe.fit_probe(xtr, ytr_nan, xva, yva_nan, Cs=(1.0,))
+    from sklearn.linear_model import LogisticRegression
+    for k in range(5):
+        keep = ~hidden[:, k]
+        ref = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(xtr)[keep], ytr[keep, k])
+        np.testing.assert_allclose(clfs[k].coef_, ref.coef_, rtol=1e-6, atol=1e-8)
+    # a finding with no known label at all: no probe, NaN AUROC, and the macro skips it
+    ytr_nan[:, 3] = np.nan
+    p = probe.fit_probe(xtr, ytr_nan, xva, yva, Cs=(1.0,))
+    assert p[1][3] is None
+    row = probe.score_row("t", "all", "e", yva, probe.predict(p, xva), np.arange(100).astype(str), 300,
+                          ("A", "B", "C", "D", "E"), n_boot=50, seed=0)
+    assert row["auroc"]["D"] is None and row["macro"] == pytest.approx(
+        np.mean([row["auroc"][l] for l in "ABCE"]), abs=1e-3)
+
+
+def test_whole_view_pads_to_patch_multiples():
+    x2 = np.zeros((1, 30, 28), np.float32)
+    x3 = np.ones((1, 40, 15, 14), np.float32)
+    v2, v3 = probe.whole_view(x2, 14), probe.whole_view(x3, 14)
+    assert v2.shape == (1, 42, 28) and v3.shape == (1, 42, 28, 14)
+    assert torch.equal(v3[:, 1:41, 6:21], torch.ones(1, 40, 15, 14))  # centred, content intact
+    assert (v3 == -1).sum() == v3.numel() - x3.size
+    assert (v2[:, :6] == -1).all() and (v2[:, 36:] == -1).all()
+    assert probe.num_tokens(v2, 14) == 6 and probe.num_tokens(v3, 14) == 6
+
+
+def tiny_world(tmp_path, seed=0):
+    """A few fake samples in real shards (data.write_shard) named like the phantom world's, sizes off
+    the patch grid, and a tiny checkpoint in train.py's format."""
+    import data
+    from dataclasses import asdict
+    from model import ModelConfig, SparseMedicalViT
+    rng = np.random.default_rng(seed)
+    shapes = {"2d": lambda: (1, int(rng.integers(20, 45)), int(rng.integers(20, 45))),
+              "3d": lambda: (1, int(rng.integers(10, 30)), 28, int(rng.integers(20, 30)))}
+    for mod in ("2d", "3d"):
+        for split, n in (("train", 16), ("val", 10), ("test", 12)):
+            y = (rng.random((n, 5)) < 0.5).astype(np.float32)
+            y[0], y[1] = 0, 1  # both classes in every split
+            y[2, 0] = np.nan
+            samples = [dict(image=np.clip(rng.normal(0, 0.3, shapes[mod]()), -1, 1).astype(np.float32), labels=y[i],
+                            id=f"{mod}{split}{i}", patient_id=f"{mod}{split}{i // 2}", study_id=f"{i}",
+                            modality=mod, split=split) for i in range(n)]
+            data.write_shard(tmp_path / f"phantom_{split}_{mod}_00000.h5", samples)
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=24, depth=1, heads=2)
+    ck = dict(model=SparseMedicalViT(cfg).state_dict(), head={}, model_cfg=asdict(cfg), step=7, run={},
+              config=dict(data_dir=str(tmp_path), objective="lejepa", seed=1))
+    torch.save(ck, tmp_path / "ckpt.pt")
+    return tmp_path / "ckpt.pt"
+
+
+def test_end_to_end_table_and_json(tmp_path, capsys, monkeypatch):
+    ckpt = tiny_world(tmp_path)
+    import phantom
+    monkeypatch.setattr(phantom, "FLOOR_C", (1.0,))  # one C: the floor's own C search is phantom.py's to test
+    cfg = {k: getattr(probe, k) for k in probe.config_keys}
+    cfg.update(ckpt=str(ckpt), out_dir=str(tmp_path / "probe"), num_workers=0, n_boot=20, Cs=(1.0,), figures=True)
+    probe.main(cfg)
+    out = capsys.readouterr().out
+    rows = json.load(open(tmp_path / "probe" / "probe.json"))
+    fields = {"test_set", "lp_data", "encoder", "auroc", "macro", "ci_low", "ci_high", "n_train", "n_test"}
+    assert all(set(r) == fields for r in rows)
+    got = {(r["test_set"], r["lp_data"], r["encoder"]) for r in rows}
+    assert got == {(t, lp, e) for t in ("phantom-2d", "phantom-3d") for lp in ("2d", "3d", "all")
+                   for e in ("lejepa-7", "random-init")} | {("phantom-2d", "2d", "raw-pixels"), ("phantom-3d", "3d", "raw-pixels")}
+    for r in rows:
+        if r["encoder"] == "raw-pixels":  # phantom.pixel_floor's own numbers, only passed through
+            assert r["n_test"] == 12 and r["n_train"] == 16
+            continue
+        assert r["n_test"] == 12 and r["n_train"] == {"2d": 16, "3d": 16, "all": 32}[r["lp_data"]]
+        assert set(r["auroc"]) == {"ATEL", "CARD", "CONS", "LO", "EFF"}
+        assert r["ci_low"] <= r["macro"] <= r["ci_high"]
+        assert r["macro"] == pytest.approx(np.mean(list(r["auroc"].values())), abs=1e-3)
+        line = [l for l in out.splitlines() if l.strip().startswith(r["encoder"]) and f" {r['lp_data'].upper()} " in l]
+        assert any(f"{r['macro']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})" in l for l in line)
+    assert "phantom-2d (n=12)" in out and "phantom-3d (n=12)" in out
+    assert (tmp_path / "probe" / "pca_lr.png").stat().st_size > 0 and (tmp_path / "probe" / "pca_maps.png").exists()
+    # a second run reuses the cached features and gives the same numbers
+    monkeypatch.setattr(probe, "embed", lambda *a, **k: pytest.fail("features were recomputed"))
+    probe.main(dict(cfg, figures=False, random_init=False, lp_data="all", pixel_floor=False))
+    assert json.load(open(tmp_path / "probe" / "probe.json")) == [r for r in rows if r["encoder"] == "lejepa-7"
+                                                                  and r["lp_data"] == "all"]
+
+
+def test_feature_cache_keys_and_staleness(tmp_path):
+    """Same (checkpoint tag, data key): reused. A new checkpoint tag: recomputed, and the old
+    checkpoint's features are dropped. Another data key: its own entry."""
+    path = str(tmp_path / "features.hdf5")
+    feats = lambda v: {"x": np.full((2, 3), v, np.float32), "y": np.zeros((2, 5), np.float32),
+                       "patient": np.array(["p0", "pé"]), "id": np.array(["a", "b"])}
+    never = lambda: pytest.fail("recomputed although cached")
+    a = probe.cached(path, "ckpt.pt", "step 1", "test", lambda: feats(1))
+    b = probe.cached(path, "ckpt.pt", "step 1", "test", never)
+    assert all(np.array_equal(a[k], b[k]) for k in a) and b["patient"][1] == "pé"
+    assert probe.cached(path, "ckpt.pt", "step 1", "val", lambda: feats(2))["x"][0, 0] == 2
+    assert probe.cached(path, "random-init:ckpt.pt", "seed 0", "test", lambda: feats(3))["x"][0, 0] == 3
+    assert probe.cached(path, "ckpt.pt", "step 2", "test", lambda: feats(4))["x"][0, 0] == 4  # new checkpoint
+    import h5py
+    with h5py.File(path) as f:
+        assert len(f["ckpt.pt"]) == 1 and len(f["random-init:ckpt.pt"]) == 1  # step 1 entries pruned
+    assert probe.cached(path, "ckpt.pt", "step 1", "test", lambda: feats(5))["x"][0, 0] == 5
+
+
+# -----------------------------------------------------------------------------
+# reliability: faults survived, inputs refused, reproducibility (issue 8)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def fast_cfg(data_dir, out_dir, **kw):
+    """train_cfg, smaller still: 2 samples of 2D, 2 + 2 views, so a step takes ~0.1 s on a shared CPU."""
+    return train_cfg(data_dir, out_dir, **{**dict(batch_2d=2, batch_3d=0, n_local=2, ckpt_interval=1), **kw})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_fake_shards(str(tmp_path_factory.mktemp("rel_shards")), n_train=(8, 2))
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def log_of(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+
+
+def params_of(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- kill -9 mid-checkpoint
+
+KILL_MID_SAVE = """
+import ast, io, os, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads({threads})
+import train
+calls = [0]
+def save(obj, f):  # the {n}-th save writes half its bytes, syncs them, and the process is killed -9
+    calls[0] += 1
+    if calls[0] < {n}:
+        return REAL(obj, f)
+    buf = io.BytesIO()
+    REAL(obj, buf)
+    with open(f, "wb") as fh:
+        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+REAL, torch.save = torch.save, save
+train.main(ast.literal_eval(open({cfg!r}).read()))
+"""
+
+
+@pytest.mark.slow
+def test_kill9_during_checkpoint_write_keeps_previous_and_resume_is_exact(shards, tmp_path):
+    """A real SIGKILL while the 3rd checkpoint is half written: ckpt.pt still holds step 2, and
+    init_from='resume' then ends on exactly the weights of an uninterrupted run."""
+    cfg = fast_cfg(shards, str(tmp_path / "killed"), max_iters=4)
+    (tmp_path / "cfg.py").write_text(repr(cfg))
+    script = KILL_MID_SAVE.format(repo=REPO, threads=torch.get_num_threads(), n=3, cfg=str(tmp_path / "cfg.py"))
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    leftovers = [f for f in os.listdir(tmp_path / "killed") if ".tmp" in f]
+    assert len(leftovers) == 1  # the half-written temp file: the kill did land mid-write
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "killed" / leftovers[0], weights_only=True)
+    ck = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 2
+    resumed = params_of(train.main({**cfg, "init_from": "resume"}))
+    straight = params_of(train.main(fast_cfg(shards, str(tmp_path / "straight"), max_iters=4)))
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------- kill -9 of one rank
+
+KILL_RANK = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import train
+REAL = train.get_lr
+def get_lr(it, cfg):  # rank 1 kills itself (-9) on entering step KILL_STEP, once (a marker file)
+    marker = os.environ["KILL_MARKER"]
+    if it == int(os.environ["KILL_STEP"]) and os.environ["RANK"] == "1" and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return REAL(it, cfg)
+train.get_lr = get_lr
+train.main(train.configure({k: getattr(train, k) for k in train.config_keys}, sys.argv[1:]))
+"""
+
+
+def torchrun_with_a_killed_rank(shards, tmp_path, restarts):
+    (tmp_path / "kill_rank.py").write_text(KILL_RANK)
+    out = tmp_path / "out"
+    args = dict(data_dir=shards, out_dir=str(out), batch_2d=2, batch_3d=0, n_local=2, num_workers=0, max_iters=5,
+                ckpt_interval=2, log_interval=1, dtype="float32", device="cpu", num_slices=64, proj_hidden=64,
+                warmup_iters=2, init_from="auto")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           f"--max-restarts={restarts}", str(tmp_path / "kill_rank.py"), *(f"--{k}={v}" for k, v in args.items())]
+    env = dict(os.environ, KILL_MARKER=str(tmp_path / "killed"), KILL_STEP="3", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "killed").exists(), r.stderr[-3000:]  # rank 1 did die
+    return r, out
+
+
+@pytest.mark.slow
+def test_torchrun_kill9_one_rank_restarts_and_finishes(shards, tmp_path):
+    """torchrun --max-restarts=1 + init_from='auto': the restarted ranks resume from the step-2 checkpoint
+    and finish; step 3, done twice, gives the same loss both times (exact resume across the restart)."""
+    r, out = torchrun_with_a_killed_rank(shards, tmp_path, restarts=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "init_from='auto': resume" in r.stdout and "init from" in r.stdout
+    log = log_of(out)
+    assert [rec["step"] for rec in log] == [1, 2, 3, 3, 4, 5]
+    assert log[2]["loss"] == log[3]["loss"] and log[2]["sigreg"] == log[3]["sigreg"]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 5
+
+
+@pytest.mark.slow
+def test_torchrun_kill9_one_rank_without_restarts_fails_loudly(shards, tmp_path):
+    r, out = torchrun_with_a_killed_rank(shards, tmp_path, restarts=0)
+    assert r.returncode != 0
+    assert "SIGKILL" in r.stderr and "local_rank: 1" in r.stderr  # torchrun's report names the rank and signal
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2  # ready for init_from='resume'
+
+
+# ----------------------------------------------------------------------------- shards damaged mid-run
+
+def damage(path, how):
+    """'truncate': cut the file to a third. 'overwrite': flip every byte of the image data in place
+    (same size, HDF5 metadata intact: only the per-sample checksums can notice)."""
+    if how == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 3)
+        return
+    with data.h5py.File(path, "r") as h:
+        start, size = h["image"].id.get_offset(), h["image"].id.get_storage_size()
+    with open(path, "r+b") as f:
+        f.seek(start)
+        raw = f.read(size)
+        f.seek(start)
+        f.write(bytes(b ^ 0x55 for b in raw))
+
+
+@pytest.mark.parametrize("how, workers", [("truncate", 0), ("overwrite", 1)])
+def test_shard_damaged_mid_run_names_file_and_sample(tmp_path, monkeypatch, how, workers):
+    shards = write_fake_shards(str(tmp_path / "shards"), n_train=(8, 2))
+    victim = os.path.join(shards, "fake_train_2d_0000.h5")
+    real = train.get_lr
+
+    def get_lr(it, cfg):  # the shard is damaged while the run reads it, after step 1
+        if it == 1:
+            damage(victim, how)
+        return real(it, cfg)
+    monkeypatch.setattr(train, "get_lr", get_lr)
+    with pytest.raises(ShardError, match=rf"fake_train_2d_0000.h5.*sample 2d-train-\d \(index \d\)|"
+                                         rf"sample 2d-train-\d \(index \d\) of shard .*fake_train_2d_0000.h5"):
+        train.main(fast_cfg(shards, str(tmp_path / "out"), max_iters=8, num_workers=workers))
+    # a fresh reader (a restarted job) is refused at once, naming the file
+    with pytest.raises(ShardError, match="fake_train_2d_0000.h5"):
+        ds = ShardDataset(shards, split="train", modality="2d")
+        [ds[i] for i in range(len(ds))]
+
+
+def test_shard_checksums_catch_one_changed_byte(tmp_path):
+    """The reference: a shard read back intact passes; changing one byte of one sample fails that sample only."""
+    shards = write_fake_shards(str(tmp_path), n_train=(8, 2))
+    path = os.path.join(shards, "fake_train_2d_0000.h5")
+    ds = ShardDataset(path)
+    before = [ds[i]["image"] for i in range(len(ds))]
+    with data.h5py.File(path, "r") as h:
+        start = h["image"].id.get_offset() + int(h["offset"][3]) + 5  # a byte inside sample 3
+    with open(path, "r+b") as f:
+        f.seek(start)
+        b = f.read(1)
+        f.seek(start)
+        f.write(bytes([b[0] ^ 1]))
+    ds = ShardDataset(path)
+    for i in range(len(ds)):
+        if i == 3:
+            with pytest.raises(ShardError, match=r"sample 2d-train-3 \(index 3\) fails its CRC32"):
+                ds[i]
+        else:
+            np.testing.assert_array_equal(ds[i]["image"], before[i])
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+
+@pytest.mark.parametrize("fault", ["pred", "sigreg", "lr=1e30"])
+def test_nonfinite_loss_stops_before_the_step_and_keeps_the_checkpoint(shards, tmp_path, monkeypatch, fault):
+    real_loss, real_step = lejepa.lejepa_loss, torch.optim.AdamW.step
+    steps_taken = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (steps_taken.append(1), real_step(self, *a, **k))[1])
+    saved = {}
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: (real_save(obj, path), saved.update(sha=sha(path), step=obj["step"])))
+    kw = dict(max_iters=6)
+    if fault == "lr=1e30":  # a real divergence: the first update throws the weights to ~1e30
+        kw.update(learning_rate=1e30, warmup_iters=1, grad_clip=0.0)
+        bad_step = 1
+    else:
+        bad_step = 2
+
+        def loss(z, n_global, lam, num_slices, step):
+            total, pred, sig = real_loss(z, n_global=n_global, lam=lam, num_slices=num_slices, step=step)
+            if step == bad_step:
+                pred, sig = (pred * math.nan, sig) if fault == "pred" else (pred, sig * math.nan)
+            return (1 - lam) * pred + lam * sig, pred, sig
+        monkeypatch.setattr(lejepa, "lejepa_loss", loss)
+    out = tmp_path / "out"
+    term = "(pred|sigreg)" if fault == "lr=1e30" else fault
+    with pytest.raises(FloatingPointError, match=rf"step {bad_step}: non-finite loss term {term} = (nan|inf).*"
+                                                 rf"before the optimizer step.*{out / 'ckpt.pt'} is left untouched"):
+        train.main(fast_cfg(shards, str(out), **kw))
+    assert len(steps_taken) == bad_step  # no optimizer step on the bad loss
+    assert saved["step"] == bad_step and sha(out / "ckpt.pt") == saved["sha"]  # last good checkpoint, untouched
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == bad_step and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert [r["step"] for r in log_of(out)] == list(range(1, bad_step + 1))
+
+
+# ----------------------------------------------------------------------------- disk full
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(shards, tmp_path, monkeypatch):
+    """ENOSPC after half the bytes of the 2nd checkpoint: the error names the file and the fix, the
+    step-1 checkpoint is byte-for-byte intact, and no temp file is left behind."""
+    real, calls = torch.save, []
+
+    def full_disk(obj, f):
+        calls.append(f)
+        if len(calls) < 2:
+            return real(obj, f)
+        with open(f, "wb") as fh:
+            fh.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "out"
+    before, real_save = {}, train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: (real_save(obj, path), before.update(sha=sha(path))))
+    with pytest.raises(OSError, match=r"could not write checkpoint .*ckpt.pt \(No space left on device;.*GiB free "
+                                      r"there\); the previous checkpoint, if any, is intact. Free disk space") as e:
+        train.main(fast_cfg(shards, str(out), max_iters=3))
+    assert e.value.errno == errno.ENOSPC
+    assert sha(out / "ckpt.pt") == before["sha"] and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="POSIX file size limits")
+def test_real_write_failure_gives_a_clear_error(shards, tmp_path, monkeypatch):
+    """A write the kernel refuses (RLIMIT_FSIZE of 1 MiB: EFBIG, like a full disk). torch.save reports it
+    as an obscure RuntimeError from its zip writer; save_checkpoint must turn it into the clear message."""
+    import resource
+    real, calls = torch.save, []
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+
+    def limited(obj, f):
+        calls.append(f)
+        if len(calls) >= 2:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+        try:
+            return real(obj, f)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    monkeypatch.setattr(torch, "save", limited)
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(OSError, match=r"could not write checkpoint .*ckpt.pt .*previous checkpoint, if any, is intact"):
+            train.main(fast_cfg(shards, str(out), max_iters=3))
+    finally:
+        signal.signal(signal.SIGXFSZ, old)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+
+
+# ----------------------------------------------------------------------------- checkpoints refused
+
+class Payload:
+    """Unpickling this runs os.makedirs(marker): a stand-in for any code a crafted checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def test_checkpoint_that_runs_code_is_refused(shards, tmp_path):
+    marker = str(tmp_path / "pwned")
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Payload(marker), "step": 0}, path)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train.main(fast_cfg(shards, str(tmp_path / "out"), init_from=str(path)))
+    assert not os.path.exists(marker)
+    torch.load(path, weights_only=False)  # the payload is live: a plain unpickle does run it
+    assert os.path.exists(marker)
+
+
+def test_checkpoint_from_another_config_lists_keys_and_shapes(shards, tmp_path):
+    out = str(tmp_path / "out")
+    train.main(fast_cfg(shards, out, max_iters=1))
+    # head: same encoder, another projector width, through train.py
+    with pytest.raises(ValueError, match=r"ckpt.pt \(head\) does not fit this model config:\n"
+                                         r"(  shape: .*: checkpoint \([\d, ]+\) vs model \([\d, ]+\)\n)+"
+                                         r"use the same --preset") as e:
+        train.main(fast_cfg(shards, out, max_iters=2, init_from="resume", proj_hidden=32))
+    assert "  shape: net.0.weight: checkpoint (64, 192) vs model (32, 192)\n" in str(e.value)
+    # encoder: another depth and width; the listed keys against sets computed here
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+    small = SparseMedicalViT(ModelConfig(dim=48, depth=1, heads=2))
+    with pytest.raises(ValueError) as e:
+        train.load_weights(small, state, "x.pt", "model")
+    msg = str(e.value)
+    own = small.state_dict()
+    unexpected = sorted(set(state) - set(own))[:20]
+    assert unexpected and all(f"  unexpected: {k}\n" in msg for k in unexpected)
+    assert f"  shape: patch_embed.weight: checkpoint (192, 1, 14, 14, 14) vs model (48, 1, 14, 14, 14)\n" in msg
+    assert msg.count("  shape: ") == min(20, sum(own[k].shape != state[k].shape for k in own if k in state))
+
+
+# ----------------------------------------------------------------------------- model inputs: fuzz
+
+FUZZ_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int16, torch.bool)
+
+
+def random_view(rng, q=0.15):
+    """A random view, each property wrong with probability q: rank 2-5 (else 3 or 4), 0-3 patches per
+    axis with sides off the patch grid (else 1-3 whole patches), channels 0 or 2 (else 1), dtype int16 or
+    bool (else float16/32/64), a NaN or inf value."""
+    off = lambda: rng.random() < q
+    rank = int(rng.choice([2, 5])) if off() else int(rng.choice([3, 4]))
+    side = lambda: (int(rng.integers(0, 4)) * 14 + int(rng.choice([0, -1, 1, 7]))) if off() else int(rng.integers(1, 4)) * 14
+    spatial = [max(side(), 0) for _ in range(3)]
+    if rng.random() < 0.3:
+        spatial[0] = 1  # a 2D image given as a depth-1 volume
+    chans = int(rng.choice([0, 2])) if off() else 1
+    shape = {2: spatial[1:], 3: [chans, *spatial[1:]], 4: [chans, *spatial], 5: [1, chans, *spatial]}[rank]
+    dtype = FUZZ_DTYPES[int(rng.integers(3, 5))] if off() else FUZZ_DTYPES[int(rng.integers(3))]
+    v = torch.from_numpy(rng.uniform(-1, 1, shape)).to(dtype)
+    if dtype.is_floating_point and v.numel() and off():
+        v.view(-1)[int(rng.integers(v.numel()))] = float(rng.choice([math.nan, math.inf, -math.inf]))
+    return v
+
+
+def view_is_valid(v):
+    """The rules, written out independently of pack.check_view."""
+    if v.dim() not in (3, 4) or v.shape[0] != 1 or not v.dtype.is_floating_point:
+        return False
+    z, h, w = (1, *v.shape[1:]) if v.dim() == 3 else tuple(v.shape[1:])
+    if min(z, h, w) < 1 or h % 14 or w % 14 or (z != 1 and z % 14):
+        return False
+    return bool(torch.isfinite(v).all())
+
+
+def test_fuzz_views_embed_or_raise_valueerror():
+    """400 random view lists: each either embeds (one finite row per view) or raises a ValueError
+    naming the first bad view, exactly as the rules above predict; never any other exception."""
+    rng = np.random.default_rng(8)
+    torch.manual_seed(0)
+    model = SparseMedicalViT(ModelConfig(dim=48, depth=1, heads=2)).eval()
+    outcomes = {"embedded": 0, "refused": 0}
+    for case in range(400):
+        views = [random_view(rng) for _ in range(int(rng.choice([0, 1, 1, 2, 3])))]
+        bad = [i for i, v in enumerate(views) if not view_is_valid(v)]
+        desc = f"case {case}: {[(tuple(v.shape), v.dtype) for v in views]}"
+        try:
+            with torch.no_grad():
+                emb = model(views)
+        except ValueError as e:
+            assert not views or bad, f"{desc}: refused a valid list ({e})"
+            assert ("empty" in str(e)) if not views else (f"view {bad[0]} " in str(e)), f"{desc}: {e}"
+            outcomes["refused"] += 1
+            continue
+        except Exception as e:
+            pytest.fail(f"{desc}: {type(e).__name__} instead of ValueError: {e}")
+        assert views and not bad, f"{desc}: embedded an invalid list"
+        assert emb.shape == (len(views), 48) and torch.isfinite(emb).all(), desc
+        outcomes["embedded"] += 1
+    assert min(outcomes.values()) > 40, outcomes  # both branches well exercised
+
+
+def test_pack_views_refuses_non_tensors():
+    for bad in (np.zeros((1, 14, 14), np.float32), None, [[0.0] * 14] * 14):
+        with pytest.raises(ValueError, match="view 1: expected a torch.Tensor"):
+            pack_views([torch.zeros(1, 14, 14), bad])
+
+
+# ----------------------------------------------------------------------------- a folder full of problems, end to end
+
+def test_preprocess_folder_of_problems_end_to_end(tmp_path, capsys):
+    """`python data.py folder ...` on X-ray and CT folders full of problems: every bad file is in
+    report.json with its reason, the good ones are in the shards, MONOCHROME1 is inverted."""
+    pytest.importorskip('pydicom'), pytest.importorskip('nibabel'), pytest.importorskip('PIL')
+    xr, ct = str(tmp_path / "xray"), str(tmp_path / "ct")
+    write_picture(f"{xr}/ok.png", radiograph())
+    write_dicom(f"{xr}/mono1.dcm", radiograph(marker=10), PhotometricInterpretation="MONOCHROME1")  # dense block stored LOW
+    write_dicom(f"{xr}/nopixels.dcm", None)
+    rgb = np.repeat(radiograph()[..., None], 3, -1)
+    rgb[..., 0] //= 2
+    write_picture(f"{xr}/colour.png", rgb)
+    write_picture(f"{xr}/dot.png", np.full((1, 1), 9, np.uint8))
+    open(f"{xr}/empty.png", "wb").close()
+    c, aff = canonical_ct(), np.diag([-0.7, -0.6, 1.5, 1])
+    write_nifti(f"{ct}/ok.nii.gz", c.transpose(2, 1, 0), aff)
+    write_nifti(f"{ct}/nan.nii.gz", np.where(c > 500, np.nan, c).astype(np.float32).transpose(2, 1, 0), aff)
+    write_nifti(f"{ct}/oneslice.nii.gz", c[:1].transpose(2, 1, 0), aff)
+    write_series(f"{ct}/gap", c, z=np.array([0, 2.5, 5, 10, 12.5, 15.0]))
+    open(f"{ct}/empty.nii.gz", "wb").close()
+    cases = [(xr, "xray", {"ok.png", "mono1.dcm"}, {"nopixels.dcm": "without pixel data", "colour.png": "RGB",
+                                                     "dot.png": "1-pixel", "empty.png": "zero-byte"}),
+             (ct, "ct", {"ok.nii.gz"}, {"nan.nii.gz": "NaN", "oneslice.nii.gz": "1-pixel", "empty.nii.gz": "zero-byte",
+                                       "gap": "mismatched slice spacing"})]
+    for root, modality, good, bad in cases:
+        out = str(tmp_path / f"shards_{modality}")
+        data.main(["folder", "--root", root, "--out", out, "--modality", modality, "--workers", "1",
+                   "--val_frac", "0", "--test_frac", "0"])
+        rep = json.load(open(os.path.join(out, "report.json")))["folder"]
+        reasons = {os.path.basename(f["file"]): f["reason"] for f in rep["failures"]}
+        assert sorted(reasons) == sorted(bad) and rep["failed"] == len(bad) and rep["written"] == len(good)
+        for name, why in bad.items():
+            assert why in reasons[name], (name, reasons[name])
+        printed = capsys.readouterr().out
+        assert all(f"failed {os.path.join(root, name)}: {reasons[name]}" in printed for name in bad)
+        ds = ShardDataset(out)
+        assert set(ds.id) == good
+    # MONOCHROME1 inverted: its dense block (stored low) is now the brightest part, as in ok.png
+    ds = ShardDataset(str(tmp_path / "shards_xray"))
+    for i in range(len(ds)):
+        img = ds[i]["image"][0]  # (187, 224): the 20 x 24 source scaled by 224 / 24
+        block, background = img[25:60, 35:80].mean(), img[100:, 100:].mean()
+        assert block > 0.9 and background < -0.9, (ds.id[i], block, background)
+
+
+# ----------------------------------------------------------------------------- reproducibility
+
+@pytest.mark.slow  # 3 runs, 42 steps: ~10 s on an idle 2-core CPU, 70 s when shared
+def test_same_seed_same_loss_curve_and_run_recorded(shards, tmp_path, capsys):
+    """Same seed and config on CPU (default deterministic=False): the first 20 logged steps are
+    bit-identical; another seed changes them. Config, git hash, torch and device are recorded."""
+    cfg = lambda out, **kw: fast_cfg(shards, str(tmp_path / out), **{**dict(max_iters=20, ckpt_interval=20,
+                                                                          deterministic=False), **kw})
+    train.main(cfg("a"))
+    printed = capsys.readouterr().out
+    train.main(cfg("b"))
+    a, b = log_of(tmp_path / "a"), log_of(tmp_path / "b")
+    keys = ("loss", "pred", "sigreg", "lr", "grad_norm")
+    assert len(a) == 20 and [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    train.main(cfg("c", max_iters=2, seed=7))
+    assert log_of(tmp_path / "c")[0]["loss"] != a[0]["loss"]
+    ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert ck["run"]["git"] == (git or "unknown") and ck["run"]["torch"] == torch.__version__
+    assert ck["run"]["device"].startswith("cpu") and ck["config"] == cfg("a")
+    assert f'config: {json.dumps(cfg("a"))}' in printed and f'run: {json.dumps(ck["run"])}' in printed

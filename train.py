@@ -12,9 +12,11 @@ then, per rank, into micro-batches of at most token_budget tokens (gradient accu
 is bounded by the budget, never by the largest view.
 """
 
+import errno
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from ast import literal_eval
@@ -36,7 +38,7 @@ n_global = 2                  # global views per sample (paper: 2)
 n_local = 8                   # local views per sample (paper: 8)
 global_scale = (0.3, 1.0)     # global view size, fraction of image area (2D) or volume (3D) (paper)
 local_scale = (0.05, 0.3)     # local view size (paper)
-num_workers = 2               # DataLoader worker processes per rank
+num_workers = 1               # DataLoader worker processes per rank (one keeps up on CPU; GPUs: see README)
 # model
 preset = "tiny"               # 'tiny' | 'small' (ViT-S) | 'base' (ViT-B), see model.PRESETS
 proj_hidden = 1024            # LeJEPA projector MLP hidden width
@@ -56,7 +58,8 @@ beta1, beta2 = 0.9, 0.95      # AdamW betas
 grad_clip = 1.0               # max global grad norm (0 = off)
 # system
 out_dir = "out"               # checkpoint, log.jsonl
-init_from = "scratch"         # 'scratch' | 'resume' (out_dir/ckpt.pt, exact continuation) |
+init_from = "scratch"         # 'scratch' | 'resume' (out_dir/ckpt.pt, exact continuation) | 'auto' (resume
+                              # if out_dir/ckpt.pt exists, else scratch: for torchrun --max-restarts) |
                               # a checkpoint path: its weights, fresh optimizer and step 0 (stage 2)
 device = "auto"               # 'auto' | 'cpu' | 'cuda'
 dtype = "auto"                # 'auto' (bf16 on CUDA and on CPUs with native bf16, else fp32) | 'float32' | 'bfloat16'
@@ -170,9 +173,13 @@ def save_checkpoint(obj: dict, path: str):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"could not write checkpoint {path} ({e.strerror}); the previous checkpoint, "
-                                   f"if any, is intact. Free disk space or set --out_dir") from e
+        # torch.save's zip writer reports a failed write (disk full, file size limit) as a RuntimeError
+        # such as "[enforce fail at inline_container.cc:672] unexpected pos 704 vs 598", not an OSError
+        if isinstance(e, (OSError, RuntimeError)):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 30
+            raise OSError(getattr(e, "errno", None) or errno.EIO,
+                          f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}; {free:.1f} GiB "
+                          f"free there); the previous checkpoint, if any, is intact. Free disk space or set --out_dir") from e
         raise
 
 
@@ -230,6 +237,9 @@ def main(cfg: dict):
                             lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
     start_step = 0
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] == "auto":  # a restarted torchrun worker picks up the last checkpoint (README)
+        cfg = dict(cfg, init_from="resume" if os.path.exists(ckpt_path) else "scratch")
+        print0(f"init_from='auto': {cfg['init_from']} ({ckpt_path} {'found' if os.path.exists(ckpt_path) else 'absent'})")
     if cfg["init_from"] != "scratch":
         path = ckpt_path if cfg["init_from"] == "resume" else cfg["init_from"]
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code

@@ -6,6 +6,7 @@ data_dir = "data/paper"
 batch_2d = 256         # paper: 256 2D
 batch_3d = 0
 preset = "small"       # ViT-S/14 (the paper does not name the size; see README)
+proj_hidden = 2048     # LeJEPA projector: 2 hidden layers of 2048, output 128
 lam = 0.025            # paper
 learning_rate = 1e-4   # paper
 min_lr = 1e-6

@@ -1,0 +1,515 @@
+"""
+Frozen-feature evaluation (paper section 3, Tables 1-3, Figure 2): linear probes, AUROC with
+patient-bootstrap confidence intervals, the paper's tables and the PCA figures.
+
+    python probe.py --ckpt=out/ckpt.pt                      # phantom world (train.py's default data)
+    python probe.py --ckpt=out/stage3/ckpt.pt --supervised=out/supervised/ckpt.pt --external_dir=data/external
+
+  1. Encoders, side by side under one protocol: the checkpoint; the same architecture at random
+     initialisation (seeded like train.py: for a run from scratch, the very weights it started from);
+     the supervised baseline when given. Always the backbone embedding (mean of the view's tokens), never
+     the LeJEPA projector or the supervised head.
+  2. Features: every sample of a split embedded WHOLE (no crop, no resize; padded up to multiples of
+     the patch), frozen, no grad, packed into batches of at most token_budget tokens. Cached in
+     features.hdf5 next to the checkpoint, keyed by encoder, checkpoint step and mtime, data set and split.
+  3. Linear probe: one logistic regression per finding on standardised features, NaN labels masked,
+     C chosen by validation AUROC. LP data '2d', '3d' or 'all' (Table 3) is the train split of the
+     pretraining data (data_dir), so neither encoder nor probe sees a test set (section 3).
+     Domain adaptation (Table 2): an external set with its own train split gets a probe of its own.
+  4. AUROC per finding and macro, 95% CI from bootstrap resamples of test PATIENTS (seeded).
+  5. A table on stdout (layout of Tables 1 and 3), out_dir/probe.json, and out_dir/pca_lr.png
+     (Figure 2a) and out_dir/pca_maps.png (Figure 2b) when matplotlib is installed.
+
+Test sets are discovered on disk: each (shard prefix, modality) with a test split, e.g. mimic-2d,
+ctrate-3d in data_dir (internal) and chexpert-2d, radchest-3d in external_dir. On the phantom world
+the raw-pixel logistic-regression floor (phantom.pixel_floor) is added to the table.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# encoders and data
+ckpt = "out/ckpt.pt"          # trained encoder (train.py checkpoint)
+supervised = ""               # supervised-baseline checkpoint (config/supervised.py); "" = none
+random_init = True            # also probe the same architecture at random initialisation
+data_dir = ""                 # pretraining shards (LP train/val, internal test sets); "" = the checkpoint's data_dir
+external_dir = ""             # shards never trained on (CheXpert, RAD-ChestCT): test sets, and domain adaptation
+                              # where a set has its own train split; "" = none
+# probe
+lp_data = "2d,3d,all"         # LP training data, comma-separated: 2d | 3d | all (both concatenated, Table 3)
+Cs = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried per finding; best validation AUROC wins
+max_iter = 1000               # lbfgs iterations per logistic regression
+n_boot = 1000                 # bootstrap resamples of test patients for the 95% CI
+seed = 0                      # bootstrap seed (the same resamples for every encoder: paired comparison)
+# system
+out_dir = ""                  # probe.json and figures; "" = <checkpoint folder>/probe
+device = "auto"               # 'auto' | 'cpu' | 'cuda'
+token_budget = 12000          # max tokens per packed batch (memory bound, like train.py)
+num_workers = 2               # DataLoader processes reading shards
+figures = True                # write the PCA figures (needs matplotlib)
+pixel_floor = True            # on the phantom world, add the raw-pixel floor rows (phantom.pixel_floor)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+
+LP_DATA = ("2d", "3d", "all")
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def _auroc_groups(g, y, w):
+    """AUROC from precomputed tie groups g (sample -> rank of its distinct score)."""
+    pos = np.bincount(g, w * (y == 1))
+    neg = np.bincount(g, w * (y == 0))
+    npos, nneg = pos.sum(), neg.sum()
+    if npos == 0 or nneg == 0:
+        return float("nan")
+    below = np.cumsum(neg) - neg  # negative weight with a strictly lower score
+    return float((pos * (below + 0.5 * neg)).sum() / (npos * nneg))
+
+
+def auroc(y, s, w=None) -> float:
+    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney U), with optional
+    sample weights w (a bootstrap resample is a weight: how often each sample was drawn). NaN labels
+    are masked; NaN when a class is missing."""
+    y, s = np.asarray(y, np.float64), np.asarray(s, np.float64)
+    w = np.ones_like(y) if w is None else np.asarray(w, np.float64)
+    keep = ~np.isnan(y) & ~np.isnan(s)
+    g = np.unique(s[keep], return_inverse=True)[1].reshape(-1)
+    return _auroc_groups(g, y[keep], w[keep])
+
+
+def bootstrap_ci(y, s, patients, n_boot=1000, seed=0, level=0.95):
+    """CI of the macro AUROC, resampling test PATIENTS with replacement: a drawn patient brings all of
+    its samples, as often as it is drawn, since samples of one patient are not independent.
+    y, s: (N, K) labels (NaN unknown) and scores; patients: (N,) ids. Returns (low, high)."""
+    _, pid = np.unique(np.asarray(patients), return_inverse=True)
+    P = pid.max() + 1
+    cols = []  # per finding: samples with a label, their tie groups (sorted once, reused n_boot times)
+    for k in range(y.shape[1]):
+        m = ~np.isnan(y[:, k]) & ~np.isnan(s[:, k])
+        if m.any():
+            cols.append((m, np.unique(s[m, k], return_inverse=True)[1].reshape(-1), y[m, k]))
+    draws = np.random.default_rng(seed).integers(0, P, size=(n_boot, P))  # (B, P) drawn patients
+    macros = np.full(n_boot, np.nan)
+    for b in range(n_boot):
+        w = np.bincount(draws[b], minlength=P)[pid].astype(np.float64)  # (N,) times each sample is drawn
+        aucs = [_auroc_groups(g, yk, w[m]) for m, g, yk in cols]
+        if not np.all(np.isnan(aucs)):
+            macros[b] = np.nanmean(aucs)
+    tail = 100 * (1 - level) / 2
+    return tuple(float(v) for v in np.nanpercentile(macros, [tail, 100 - tail]))
+
+
+# -----------------------------------------------------------------------------
+# linear probe
+
+def fit_probe(xtr, ytr, xva, yva, Cs=Cs, max_iter=max_iter):
+    """One logistic regression per finding on standardised features; samples whose label is NaN are
+    left out of that finding's fit and score; C is the one with the best validation AUROC (the middle
+    candidate if validation lacks a class). Returns (scaler, [classifier or None per finding])."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    scaler = StandardScaler().fit(xtr)
+    ztr, zva = scaler.transform(xtr), scaler.transform(xva)
+    clfs = []
+    for k in range(ytr.shape[1]):
+        tr, va = ~np.isnan(ytr[:, k]), ~np.isnan(yva[:, k])
+        if len(np.unique(ytr[tr, k])) < 2:  # no probe can be fit; its AUROC is reported as NaN
+            clfs.append(None)
+            continue
+        fits, scores = [], []
+        for C in Cs:
+            with warnings.catch_warnings():  # lbfgs hitting max_iter at large C: the val score judges it
+                warnings.simplefilter("ignore")
+                clf = LogisticRegression(C=C, max_iter=max_iter).fit(ztr[tr], ytr[tr, k])
+            fits.append(clf)
+            scores.append(auroc(yva[va, k], clf.decision_function(zva[va])))
+        scores = np.array(scores)
+        clfs.append(fits[int(np.nanargmax(scores)) if np.isfinite(scores).any() else len(Cs) // 2])
+    return scaler, clfs
+
+
+def predict(probe, x):
+    """(N, K) decision scores; NaN for findings without a probe."""
+    scaler, clfs = probe
+    z = scaler.transform(x)
+    return np.stack([c.decision_function(z) if c is not None else np.full(len(x), np.nan) for c in clfs], 1)
+
+
+def clean(v):
+    """JSON-ready number: NaN (undefined AUROC) becomes null."""
+    return None if v is None or not np.isfinite(v) else round(float(v), 4)
+
+
+def score_row(test_set, lp, encoder, y, s, patients, n_train, labels, n_boot, seed):
+    """One result row: per-finding AUROC, macro (mean over findings with both classes) and its CI."""
+    aucs = [auroc(y[:, k], s[:, k]) for k in range(y.shape[1])]
+    lo, hi = bootstrap_ci(y, s, patients, n_boot, seed)
+    return dict(test_set=test_set, lp_data=lp, encoder=encoder, auroc={l: clean(a) for l, a in zip(labels, aucs)},
+                macro=clean(np.nanmean(aucs) if np.isfinite(aucs).any() else None), ci_low=clean(lo),
+                ci_high=clean(hi), n_train=int(n_train), n_test=int(len(y)))
+
+
+def format_table(rows, labels) -> str:
+    """The layout of Tables 1 and 3: one block per test set, rows LP data x encoder."""
+    f = lambda v: "  -  " if v is None else f"{v:.3f}"
+    head = f"  {'encoder':<18}{'LP data':<10}{'n_train':>8}  " + "".join(f"{l:>7}" for l in labels) + "   Macro (95% CI)"
+    out = []
+    for t in dict.fromkeys(r["test_set"] for r in rows):
+        block = [r for r in rows if r["test_set"] == t]
+        out += [f"{t} (n={block[0]['n_test']})", head]
+        for r in block:
+            out.append(f"  {r['encoder']:<18}{r['lp_data'].upper():<10}{r['n_train']:>8}  "
+                       + "".join(f"{f(r['auroc'][l]):>7}" for l in labels)
+                       + f"   {f(r['macro'])} ({f(r['ci_low'])}-{f(r['ci_high'])})")
+        out.append("")
+    return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# features
+
+def whole_view(image, patch: int) -> torch.Tensor:
+    """The whole sample as one view: padded with -1 up to multiples of the patch, evenly on both sides
+    (-1 is air in the CT window and black on a min-max normalised radiograph, i.e. background).
+    Padding rather than trimming: a CT of 40 slices would lose 12 of them to trimming, 2 are added."""
+    x = torch.as_tensor(image, dtype=torch.float32)  # (1, H, W) or (1, Z, H, W)
+    pads = []
+    for n in reversed(x.shape[1:]):
+        extra = -n % patch
+        pads += [extra // 2, extra - extra // 2]
+    return F.pad(x, pads, value=-1.0)
+
+
+def num_tokens(v: torch.Tensor, patch: int) -> int:
+    return v[0].numel() // (patch ** 3 if v.dim() == 4 else patch ** 2)
+
+
+@torch.no_grad()
+def embed(model, ds, device, token_budget=token_budget, workers=num_workers, desc="embed") -> dict:
+    """Frozen backbone embeddings of every sample of ds, in order: {'x' (N, dim) float32, 'y' (N, K),
+    'patient' (N,) str, 'id' (N,) str}. Batches hold at most token_budget tokens (one larger sample
+    goes alone), so memory is bounded by the budget, not by the data set."""
+    from tqdm import tqdm
+    model.eval()
+    P = model.cfg.patch
+    bf16 = device.type == "cuda"  # flash path on GPU; exact fp32 on CPU
+    out = {"x": [], "y": [], "patient": [], "id": []}
+    batch, tokens = [], 0
+
+    def flush():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out["x"].append(model(model.pack(batch)).float().cpu().numpy())  # (b, dim)
+        batch.clear()
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)  # items one by one
+    for item in tqdm(loader, total=len(ds), desc=desc, dynamic_ncols=True, leave=False):
+        v = whole_view(item["image"], P)
+        n = num_tokens(v, P)
+        if batch and tokens + n > token_budget:
+            flush()
+            tokens = 0
+        batch.append(v)
+        tokens += n
+        out["y"].append(np.asarray(item["labels"], np.float32))
+        out["patient"].append(str(item["patient_id"]))
+        out["id"].append(str(item["id"]))
+    if batch:
+        flush()
+    return {"x": np.concatenate(out["x"]), "y": np.stack(out["y"]), "patient": np.array(out["patient"]),
+            "id": np.array(out["id"])}
+
+
+def cached(cache_path: str, encoder: str, ckpt_tag: str, key: str, compute) -> dict:
+    """Features from cache_path[encoder/hash(ckpt_tag, key)], else compute() and store them. A group
+    of the same encoder with another ckpt_tag (a newer checkpoint was written) is stale: deleted."""
+    import h5py
+    name = hashlib.sha1(f"{ckpt_tag}|{key}".encode()).hexdigest()[:16]
+    if os.path.exists(cache_path):
+        with h5py.File(cache_path, "r") as f:
+            if f"{encoder}/{name}" in f:
+                g = f[f"{encoder}/{name}"]
+                return {k: g[k].asstr()[:].astype(str) if k in ("patient", "id") else g[k][:] for k in g}
+    feats = compute()
+    with h5py.File(cache_path, "a") as f:
+        grp = f.require_group(encoder)
+        for old in [n for n in grp if grp[n].attrs.get("ckpt_tag") != ckpt_tag]:
+            del grp[old]
+        g = grp.create_group(name)
+        g.attrs["ckpt_tag"], g.attrs["key"] = ckpt_tag, key
+        for k, v in feats.items():
+            g.create_dataset(k, data=v.astype(object) if v.dtype.kind == "U" else v,
+                             dtype=h5py.string_dtype() if v.dtype.kind == "U" else None)
+    return feats
+
+
+def load_encoder(path: str):
+    """(model, checkpoint dict) from a train.py checkpoint; the encoder weights only."""
+    from model import ModelConfig, SparseMedicalViT
+    from train import load_weights
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found: train one (python train.py) or pass --ckpt=PATH")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    model = SparseMedicalViT(ModelConfig(**ck["model_cfg"]))
+    load_weights(model, ck["model"], path, "model")
+    return model, ck
+
+
+def random_encoder(model_cfg: dict, seed: int):
+    """The architecture at random init, seeded as train.py seeds before building its encoder."""
+    from model import ModelConfig, SparseMedicalViT
+    torch.manual_seed(seed)
+    return SparseMedicalViT(ModelConfig(**model_cfg))
+
+
+# -----------------------------------------------------------------------------
+# figures (matplotlib is optional: main() skips them with a message when it is missing)
+
+def fig_pca_lr(x2, y2, x3, y3, labels, path, title, n_pc=16):
+    """Figure 2a: logistic regression on the first n_pc principal components of the joint (2D + 3D)
+    feature space, fitted on 2D only, 3D only and both. Signed coefficients, each row scaled to max 1:
+    a component lit up in the 2D and 3D rows alike is shared across modalities, one lit in a single
+    row is modality-specific. PC scores are whitened so that coefficients compare across components."""
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    parts = [(n, x, y) for n, x, y in (("2D", x2, y2), ("3D", x3, y3)) if len(x)]
+    xall = np.concatenate([x for _, x, _ in parts])
+    scaler = StandardScaler().fit(xall)
+    pca = PCA(min(n_pc, *xall.shape), whiten=True, random_state=0).fit(scaler.transform(xall))
+    parts = [(n, pca.transform(scaler.transform(x)), y) for n, x, y in parts]
+    parts.append(("joint", np.concatenate([z for _, z, _ in parts]), np.concatenate([y for _, _, y in parts])))
+    fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels), 2.2), sharey=True, squeeze=False)
+    for k, (label, ax) in enumerate(zip(labels, axes[0])):
+        rows = []
+        for _, z, y in parts:
+            m = ~np.isnan(y[:, k])
+            coef = np.full(z.shape[1], np.nan)
+            if len(np.unique(y[m, k])) == 2:
+                coef = LogisticRegression(C=1.0, max_iter=1000).fit(z[m], y[m, k]).coef_[0]
+                coef = coef / np.abs(coef).max()
+            rows.append(coef)
+        im = ax.imshow(np.array(rows), cmap="coolwarm", vmin=-1, vmax=1, aspect="auto")
+        ax.set_title(label)
+        ax.set_yticks(range(len(parts)), [n for n, _, _ in parts])
+        ax.set_xlabel("principal component")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="LR coefficient (row max = 1)")
+    fig.suptitle(title, fontsize=9, y=1.08)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+@torch.no_grad()
+def pca_maps(model, views) -> list:
+    """DINO-style maps (Oquab et al. 2024): the first 3 principal components of the patch tokens of all
+    views together, shown as RGB. One basis, so a colour is the same feature direction in 2D and 3D.
+    Each view is centred on its own mean (else PC 1 is the 2D-vs-3D offset: one flat colour per view)
+    and scaled to unit variance (else the view with the most token variance picks the basis), and each
+    view's components are min-max scaled to [0, 1] on their own. Returns (gz, gh, gw, 3) per view."""
+    tokens, packed = model.forward_tokens(model.pack(views))
+    cuts = np.cumsum(packed.seqlens)[:-1]
+    xs = [v - v.mean(0) for v in np.split(tokens.float().cpu().numpy(), cuts)]  # per view (L, dim)
+    x = np.concatenate([v / max(v.std(), 1e-8) for v in xs])  # (S, dim)
+    out = []
+    for p, g in zip(np.split(x @ np.linalg.svd(x, full_matrices=False)[2][:3].T, cuts), packed.grids):  # (L, 3)
+        p = (p - p.min(0)) / np.maximum(p.max(0) - p.min(0), 1e-8)
+        out.append(p.reshape(*g, 3))
+    return out
+
+
+def fig_pca_maps(models, images, path, patch):
+    """Figure 2b: a radiograph and a CT (the mid token slab's middle slice) next to their PCA maps,
+    one row per encoder."""
+    import matplotlib.pyplot as plt
+    views = [whole_view(im, patch) for im in images]
+    fig, axes = plt.subplots(len(models), 2 * len(views), figsize=(2.6 * 2 * len(views), 2.6 * len(models)),
+                             squeeze=False)
+    for r, (name, model) in enumerate(models):
+        for c, (v, m) in enumerate(zip(views, pca_maps(model, views))):
+            z = m.shape[0] // 2
+            img = v[0, z * patch + patch // 2] if v.dim() == 4 else v[0]  # slice at the centre of slab z
+            axes[r, 2 * c].imshow(img.numpy(), cmap="gray", vmin=-1, vmax=1)
+            axes[r, 2 * c + 1].imshow(m[z], interpolation="nearest")
+            axes[r, 2 * c].set_title(f"{'CT mid slice' if v.dim() == 4 else 'radiograph'}", fontsize=8)
+            axes[r, 2 * c + 1].set_title(f"{name}: PCA of tokens", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# test sets on disk, and the run
+
+def find_sets(folder: str, external: bool) -> dict:
+    """{name: set} for each (prefix, modality) with shards in folder (data.py names shards
+    {prefix}_{split}_{modality}_NNNNN.h5). A set: prefix, modality, external, and per split the
+    shard glob and a fingerprint (names, sizes, mtimes) so rebuilt shards never reuse cached features."""
+    import glob
+    sets = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.h5"))):
+        parts = os.path.basename(path)[:-3].rsplit("_", 3)
+        if len(parts) != 4:
+            continue
+        prefix, split, modality, _ = parts
+        s = sets.setdefault(f"{prefix}-{modality}", dict(prefix=prefix, modality=modality, external=external, splits={}))
+        pat = os.path.join(folder, f"{prefix}_{split}_{modality}_*.h5")
+        st = os.stat(path)
+        fp = s["splits"].setdefault(split, {"glob": pat, "fingerprint": os.path.abspath(folder)})
+        fp["fingerprint"] += f"|{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}"
+    return sets
+
+
+def concat(feats: list) -> dict:
+    return {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
+
+
+def holdout(f: dict, frac=0.1, seed=0):
+    """(train, val) split of features by PATIENT, for a set without a val split (CT-RATE's valid split is
+    the paper's internal test set)."""
+    pats = np.unique(f["patient"])
+    val = np.isin(f["patient"], np.random.default_rng(seed).choice(pats, max(1, int(frac * len(pats))), replace=False))
+    return {k: v[~val] for k, v in f.items()}, {k: v[val] for k, v in f.items()}
+
+
+def load_encoders(cfg, dev):
+    """[(name, model, cache file, cache group, checkpoint tag)]: the checkpoint, random init, supervised.
+    Features are cached next to each checkpoint; the tag (path, step, mtime) tells stale ones."""
+    def entry(path):
+        model, ck = load_encoder(path)
+        tag = f"{os.path.abspath(path)}|step {ck['step']}|mtime {os.stat(path).st_mtime_ns}"
+        # .hdf5, not .h5: a checkpoint kept in a shard folder must not make the cache look like a shard
+        cache = os.path.join(os.path.dirname(os.path.abspath(path)), "features.hdf5")
+        return [f"{ck['config'].get('objective', 'ckpt')}-{ck['step']}", model, cache, os.path.basename(path), tag], ck
+    first, ck = entry(cfg["ckpt"])
+    encoders = [first]
+    if cfg["random_init"]:
+        s, mcfg = ck["config"].get("seed", 0), ck["model_cfg"]
+        encoders.append(["random-init", random_encoder(mcfg, s), first[2], f"random-init:{first[3]}",
+                         f"random|{json.dumps(mcfg, sort_keys=True)}|seed {s}"])
+    if cfg["supervised"]:
+        encoders.append(entry(cfg["supervised"])[0])
+    return encoders, ck
+
+
+def main(cfg: dict):
+    import data
+    lps = [lp.strip() for lp in cfg["lp_data"].split(",") if lp.strip()]
+    if not lps or set(lps) - set(LP_DATA):
+        raise ValueError(f"--lp_data={cfg['lp_data']!r}: expected a comma-separated subset of {', '.join(LP_DATA)}")
+    dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoders, ck = load_encoders(cfg, dev)
+    data_dir = cfg["data_dir"] or ck["config"]["data_dir"]
+    if not data.has_shards(data_dir):  # as train.py: the phantom world is made on first use
+        print(f"no shards in {data_dir}: generating the phantom world there (python data.py phantom)")
+        import phantom
+        phantom.make(data_dir)
+    sets = find_sets(data_dir, external=False)
+    if cfg["external_dir"]:
+        sets.update(find_sets(cfg["external_dir"], external=True))
+    out_dir = cfg["out_dir"] or os.path.join(os.path.dirname(os.path.abspath(cfg["ckpt"])), "probe")
+    os.makedirs(out_dir, exist_ok=True)
+    print(encoders[0][1].describe(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32))
+    print("test sets: " + ", ".join(f"{n} ({'external' if s['external'] else 'internal'}, splits "
+                                    f"{'/'.join(sorted(s['splits']))})" for n, s in sets.items()))
+
+    # what to fit and where to test it: (LP data, train sets, test sets)
+    tests = [n for n, s in sets.items() if "test" in s["splits"]]
+    train_sets = lambda m: [n for n, s in sets.items() if not s["external"] and "train" in s["splits"] and m in ("all", s["modality"])]
+    runs = [(lp, train_sets(lp), tests) for lp in lps if train_sets(lp)]
+    for lp in lps:
+        if not train_sets(lp):
+            print(f"LP data {lp}: no {lp} train split in {data_dir}, skipped")
+    runs += [("adapt", [n], [n]) for n in tests if sets[n]["external"] and "train" in sets[n]["splits"]]  # Table 2
+
+    store = {}  # (encoder, set, split) -> features
+
+    def get(e, sname, split):  # e: an entry of encoders
+        name, enc, cache_path, group, ctag = e
+        if (name, sname, split) not in store:
+            sp = sets[sname]["splits"][split]
+            store[name, sname, split] = cached(cache_path, group, ctag, f"{sp['fingerprint']}|{split}|{dev.type}", lambda: embed(
+                enc, data.ShardDataset(sp["glob"]), dev, cfg["token_budget"], cfg["num_workers"], f"{name} {sname} {split}"))
+        return store[name, sname, split]
+
+    rows, labels = [], list(data.LABELS)
+    for e in encoders:
+        e[1].to(dev)
+        for lp, names, tsets in runs:
+            tr = concat([get(e, n, "train") for n in names])
+            if all("val" in sets[n]["splits"] for n in names):
+                va = concat([get(e, n, "val") for n in names])
+            else:
+                print(f"{names}: no val split, C chosen on 10% of the train patients held out")
+                tr, va = holdout(tr, seed=cfg["seed"])
+            p = fit_probe(tr["x"], tr["y"], va["x"], va["y"], cfg["Cs"], cfg["max_iter"])
+            for t in tsets:
+                te = get(e, t, "test")
+                rows.append(score_row(t, lp, e[0], te["y"], predict(p, te["x"]), te["patient"], len(tr["x"]),
+                                      labels, cfg["n_boot"], cfg["seed"]))
+    if cfg["pixel_floor"] and any(s["prefix"] == "phantom" and not s["external"] for s in sets.values()):
+        rows += floor_rows(data_dir, labels, cfg)
+
+    rank = {k: i for i, k in enumerate(list(sets) + lps + ["adapt", "raw-pixels"] + [e[0] for e in encoders])}
+    rows.sort(key=lambda r: (rank[r["test_set"]], rank.get(r["lp_data"], -1), rank.get(r["encoder"], -1)))
+    table = format_table(rows, labels)
+    print(table)
+    with open(os.path.join(out_dir, "probe.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out_dir, "table.txt"), "w") as f:
+        f.write(table)
+    print(f"wrote {out_dir}/probe.json and table.txt")
+    if cfg["figures"]:
+        write_figures(encoders, lambda n, sp: get(encoders[0], n, sp), sets, labels, out_dir)
+
+
+def write_figures(encoders, get, sets, labels, out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+    except ImportError:
+        print("matplotlib is not installed: figures skipped (pip install matplotlib)")
+        return
+    import data
+    internal = lambda m: [n for n, s in sets.items() if not s["external"] and s["modality"] == m and "train" in s["splits"]]
+    fx = {m: concat([get(n, "train") for n in internal(m)]) if internal(m) else
+          dict(x=np.zeros((0, encoders[0][1].cfg.dim)), y=np.zeros((0, len(labels)))) for m in ("2d", "3d")}
+    fig_pca_lr(fx["2d"]["x"], fx["2d"]["y"], fx["3d"]["x"], fx["3d"]["y"], labels, os.path.join(out_dir, "pca_lr.png"),
+               f"{encoders[0][0]}: which principal components of the LP train features predict each finding")
+    images = []  # one radiograph and one CT from the internal test sets, cardiomegaly-positive if any (Fig. 2b)
+    for m in ("2d", "3d"):
+        cands = [s for s in sets.values() if s["modality"] == m and "test" in s["splits"]]
+        if cands:
+            ds = data.ShardDataset(sorted(cands, key=lambda s: s["external"])[0]["splits"]["test"]["glob"])
+            pos = np.flatnonzero(ds.labels[:, labels.index("CARD")] == 1) if "CARD" in labels else []
+            images.append(ds[int(pos[0]) if len(pos) else 0]["image"])
+    if images:
+        fig_pca_maps([(e[0], e[1]) for e in encoders], images, os.path.join(out_dir, "pca_maps.png"),
+                     encoders[0][1].cfg.patch)
+    print(f"wrote {os.path.join(out_dir, 'pca_lr.png')} and pca_maps.png")
+
+
+def floor_rows(data_dir, labels, cfg):
+    """The raw-pixel floor (phantom.pixel_floor: logistic regression on average-pooled pixels, C on val,
+    95% CI over test patients) as rows of the table, tested on its own modality only."""
+    import phantom
+    print("raw-pixel floor (phantom.pixel_floor) ...")
+    fl = phantom.pixel_floor(data_dir, n_boot=cfg["n_boot"], seed=cfg["seed"])
+    return [dict(test_set=f"phantom-{m}", lp_data=m, encoder="raw-pixels", auroc={l: clean(r["auroc"][l]) for l in labels},
+                 macro=clean(r["macro"]), ci_low=clean(r["ci_low"]), ci_high=clean(r["ci_high"]),
+                 n_train=int(r["n_train"]), n_test=int(r["n_test"])) for m, r in fl.items()]
+
+
+if __name__ == "__main__":
+    from train import configure
+    main(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
