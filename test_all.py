@@ -1,5 +1,6 @@
 """
-All tests, on CPU, in fp32 unless a test says otherwise: `pytest test_all.py` (slow ones: `-m slow`).
+All tests, on CPU, in fp32 unless a test says otherwise: `pytest test_all.py` (skip the slow fault
+injection ones with `-m "not slow"`; CI runs them all).
 Each test checks against an independent reference: a naive loop, a closed form or a library.
 """
 

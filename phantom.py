@@ -1,0 +1,413 @@
+"""
+The phantom chest world: a labelled synthetic 2D + 3D data set that needs no download (issue 4).
+
+    records(seed, n2d, n3d)  -> one cheap dict per sample: ids, split, labels, a per-sample seed
+    load(record)             -> the RAW image, synthesised from the record alone (pure, picklable)
+        3d: volume(rng, findings)            -> HU volume (Z, H, W) + spacing, like a CT scan
+        2d: drr(volume(rng, findings, DRR))  -> a radiograph projected through ANOTHER phantom patient
+    make(out_dir)            -> both go through data.preprocess_records, the same path as real data
+    pixel_floor(out_dir)     -> logistic regression on downsampled raw pixels: the floor to beat
+
+Anatomy (mm, patient frame): body outline with a fat layer, two lungs above domed hemidiaphragms,
+heart, mediastinum, trachea, spine, ribs, sternum, liver. The 5 findings of the paper (section 3):
+  ATEL  volume loss (raised hemidiaphragm) plus a band-like plate of collapsed lung
+  CARD  an enlarged heart
+  CONS  a dense, irregular region of lung with air bronchograms
+  LO    a hazy ground-glass region
+  EFF   dependent fluid layering at a lung base
+Sizes, positions, spacing, aspect ratio and noise vary. Calibration (the issue's hard requirement):
+every finding sits between about 0.6 and 0.9 raw-pixel AUROC and the macro below 0.8, so that a
+raw-pixel model is a floor an encoder can beat, not a ceiling. Per-patient nuisance that every crop
+of one phantom shares (soft-tissue HU, noise level, body shape) is kept modest: crop-invariant
+self-supervision latches onto exactly such things instead of the findings (issue 6).
+
+Canonical 3D orientation (the one data.py expects): Z = axial slices inferior -> superior,
+H = anterior -> posterior, W = patient right -> left. A 2D radiograph is displayed as usual:
+rows superior -> inferior, columns patient right -> left (the patient faces the viewer).
+
+Usage: python data.py phantom --out data/phantom   (train.py and probe.py call make() on first use)
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage  # scipy comes with scikit-learn
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+import data
+
+LABELS = data.LABELS  # ('ATEL', 'CARD', 'CONS', 'LO', 'EFF')
+VERSION = 1  # bump when the generator changes: make() refuses to mix versions in one folder
+
+# default sizes: test sets of >= 1000 2D and 500 3D samples give macro-AUROC standard errors ~0.02
+N2D = (3000, 300, 1000)  # (train, val, test) radiographs
+N3D = (1000, 150, 500)   # (train, val, test) CT volumes
+# Long sides are smaller than the paper's 224 / 112: this is the CPU quick-start world. With patch 14
+# a radiograph is ~8x7 = 56 tokens and a CT ~5x4x3 = 60, a tenth of the paper's 256 and 512 tokens.
+LONG_SIDE_2D = 112
+LONG_SIDE_3D = 70
+NAN_FRACTION_2D = 0.03  # share of 2D labels hidden as unknown (NaN), as in CheXpert-labelled data
+
+# label model: P(finding | parents); some correlation as in real chest imaging
+P_CARD, P_CONS = 0.25, 0.22
+P_EFF = (0.25, 0.45)   # given CARD = 0 / 1 (heart failure brings effusions)
+P_ATEL = (0.20, 0.45)  # given EFF = 0 / 1 (compressive atelectasis)
+P_LO = (0.25, 0.55)    # given CONS = 0 / 1 (a consolidation is also an opacity)
+
+# Hounsfield units
+AIR, LUNG, FAT, SOFT, LIVER, FLUID, DISC, SPONGY, CORTEX = -1000, -860, -100, 40, 55, 12, 80, 220, 650
+NOISE_HU = (10.0, 16.0)  # per-patient noise sd: modest, as it is shared by every crop of a phantom
+VESSEL = 500  # added to lung: a vessel thinner than a voxel, partial-volume averaged
+
+# spacing (mm) of the raw volumes: 3D draws z in SPACING_3D_Z and x = y in SPACING_3D_XY per patient;
+# DRR sources are coarse along the projection axis (y), which the projection sums away anyway
+SPACING_3D_Z, SPACING_3D_XY = (2.5, 5.0), (3.8, 5.2)
+SPACING_DRR_XZ, SPACING_DRR_Y = (3.0, 3.6), 7.0
+
+# finding strengths: the calibration knobs (see README: pixel floor)
+CARD_SCALE = (0.06, 0.26)   # cardiomegaly multiplies heart size by 1 + U(a, b); normal ~ N(1, HEART_SD)
+HEART_SD, HEART_SHAPE_SD = 0.08, 0.08  # normal size; independent per-axis shape factors
+EFF_HEIGHT = (2.0, 14.0)    # fluid depth on the hemidiaphragm (posterior-lateral), mm
+DEPENDENT_HU = (0.0, 150.0)  # unlabelled posterior-basal density (supine), peak HU added
+ATEL_LIFT = (5.0, 22.0)     # hemidiaphragm elevation from volume loss, mm
+ATEL_BAND = (4.0, 9.0), (25.0, 55.0), (-150.0, 10.0)  # plate thickness, radius (mm), HU
+CONS_RADIUS, CONS_HU = (18.0, 45.0), (-120.0, 30.0)
+LO_RADIUS, LO_HU = (35.0, 70.0), (250.0, 450.0)  # ground glass: HU added to lung, peak
+
+
+# -----------------------------------------------------------------------------
+# labels and records
+
+def draw_findings(rng, n):
+    """(n, 5) uint8 true findings in LABELS order, with the correlations of the label model."""
+    u = rng.random((n, 5))
+    card = u[:, 1] < P_CARD
+    cons = u[:, 2] < P_CONS
+    eff = u[:, 4] < np.where(card, P_EFF[1], P_EFF[0])
+    atel = u[:, 0] < np.where(eff, P_ATEL[1], P_ATEL[0])
+    lo = u[:, 3] < np.where(cons, P_LO[1], P_LO[0])
+    return np.stack([atel, card, cons, lo, eff], 1).astype(np.uint8)
+
+
+def records(seed=0, n2d=N2D, n3d=N3D):
+    """Cheap per-sample dicts for data.preprocess_records; everything is a pure function of seed.
+    'findings' is the truth the generator draws; 'labels' is what is stored (2D: some NaN)."""
+    out = []
+    for m, (modality, counts) in enumerate((('2d', n2d), ('3d', n3d))):
+        for s, (split, n) in enumerate(zip(('train', 'val', 'test'), counts)):
+            rng = np.random.default_rng([seed, m, s])
+            f = draw_findings(rng, n)
+            labels = f.astype(np.float32)
+            extra = [{}] * n
+            if modality == '2d':
+                labels[rng.random(labels.shape) < NAN_FRACTION_2D] = np.nan
+                extra = [dict(spacing=(p, p)) for p in rng.uniform(*SPACING_DRR_XZ, n)]  # DRR pixel, mm
+            for i in range(n):
+                rid = f'phantom{modality}-{split}-{i:05d}'
+                out.append(dict(id=rid, patient_id=rid, study_id=rid, split=split, modality=modality,
+                                labels=labels[i], findings=f[i], seed=(seed, m, s, i), **extra[i]))
+    return out
+
+
+def load(record):
+    """data.preprocess_records' load_fn: the raw image of one record, from its seed alone."""
+    rng = np.random.default_rng(record['seed'])
+    if record['modality'] == '3d':
+        return volume(rng, record['findings'])
+    p = record['spacing'][0]
+    return drr(*volume(rng, record['findings'], spacing_zyx=(p, SPACING_DRR_Y, p)))
+
+
+# -----------------------------------------------------------------------------
+# the generator
+
+def smooth_noise(rng, shape, cell):
+    """Zero-mean Gaussian random field, correlation length ~cell voxels per axis: white noise on a
+    coarse grid, linearly interpolated one axis at a time (plain gathers, no BLAS threads to fight
+    the worker processes, and far cheaper than blurring or ndimage.zoom on the full volume)."""
+    f = rng.standard_normal([max(2, int(np.ceil(n / c)) + 1) for n, c in zip(shape, cell)]).astype(np.float32)
+    for axis, n in enumerate(shape):
+        m = f.shape[axis]
+        t = np.linspace(0, m - 1, n, dtype=np.float32)
+        i0 = np.minimum(t.astype(int), m - 2)
+        w = (t - i0).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(f.ndim)])
+        f = np.take(f, i0, axis) * (1 - w) + np.take(f, i0 + 1, axis) * w
+    return f * 1.5 ** (len(shape) / 2)  # interpolation keeps E[(1-t)^2 + t^2] = 2/3 of the variance per axis
+
+
+def box(c, r, axes):
+    """Index slices of the box c +- r (mm) on the grid axes (z, y, x 1-D mm coordinates)."""
+    sl = []
+    for ci, ri, a in zip(c, r, axes):
+        d = a[1] - a[0]
+        lo, hi = int(np.floor((ci - ri - a[0]) / d)), int(np.ceil((ci + ri - a[0]) / d)) + 1
+        sl.append(slice(min(max(lo, 0), len(a)), min(max(hi, 0), len(a))))
+    return tuple(sl)
+
+
+def ellipsoid_q(c, r, axes, sl, rot):
+    """Quadratic form q = sum(((rot (p - c)) / r)^2) on the box sl of the grid: q < 1 inside."""
+    z, y, x = (a[s] - ci for a, s, ci in zip(axes, sl, c))
+    p = np.stack(np.broadcast_arrays(z[:, None, None], y[None, :, None], x[None, None, :]), -1)  # (z, y, x, 3)
+    return (((p @ rot.T) / np.asarray(r)) ** 2).sum(-1)
+
+
+def random_rotation(rng):
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def volume(rng, findings, spacing_zyx=None):
+    """One phantom chest CT: (hu float32 (Z, H, W) in canonical orientation, spacing_zyx in mm).
+    findings: 0/1 per LABELS entry (the truth, never NaN). spacing_zyx: None draws a CT spacing."""
+    f = dict(zip(LABELS, np.asarray(findings, dtype=float)))
+    if np.shape(findings) != (5,) or any(v not in (0, 1) for v in f.values()):
+        raise ValueError(f"phantom.volume: findings must be 5 values 0/1 in {LABELS} order, got {findings}")
+    # separate streams: the anatomy, the noise and each finding; toggling one finding leaves the patient
+    # and the other findings as they were (the tests compare such twins)
+    anat, noise, *fr = (np.random.default_rng(s) for s in rng.integers(2 ** 63, size=7))
+    fr = dict(zip(LABELS, fr))
+    u = anat.uniform
+    # --- patient: body size and shape, position, field of view, spacing (the geometric variation)
+    bw = u(150, 180)              # half chest width
+    bd = bw * u(0.62, 0.74)       # half depth (anterior-posterior)
+    fov_z = u(270, 320)
+    mx, my = u(8, 35), u(8, 30)   # air margins around the body
+    ox, oy = u(-1, 1) * (mx - 6), u(-1, 1) * (my - 6)  # the patient is not centred on the table
+    if spacing_zyx is None:
+        sxy = u(*SPACING_3D_XY)
+        spacing_zyx = (u(*SPACING_3D_Z), sxy, sxy)
+    sz, sy, sx = spacing_zyx
+    z = np.arange(int(fov_z / sz)) * sz + sz / 2                            # inferior -> superior
+    y = np.arange(int(2 * (bd + my) / sy)) * sy - (bd + my) + sy / 2 + oy  # anterior -> posterior
+    x = np.arange(int(2 * (bw + mx) / sx)) * sx - (bw + mx) + sx / 2 + ox  # patient right -> left
+    axes, shape = (z, y, x), (len(z), len(y), len(x))
+    z3, y2, x2 = z[:, None, None], y[:, None], x[None, :]
+    rr = np.sqrt((x2 / bw) ** 2 + (y2 / bd) ** 2)  # (H, W) elliptic radius, 1 on the skin
+    soft = SOFT + anat.normal(0, 3)                 # modest per-patient nuisance
+    fat = u(6, 16) / bw
+    # --- body wall, ribs, sternum, spine: in-plane masks extended along z
+    hu = np.full(shape, AIR, np.float32)
+    hu[:, rr < 1] = FAT
+    hu[:, rr < 1 - fat] = soft
+    rib_in = 1 - fat - u(10, 16) / bw              # inner surface of the rib cage
+    ring = (rr >= rib_in) & (rr < rib_in + 8 / bw) & (y2 > -0.8 * bd)  # costal cartilage gap in front
+    drop = u(30, 50) * (1 - np.cos(np.arctan2(x2, y2))) / 2  # ribs slope down towards the front
+    pitch, z_rib0 = u(24, 30), u(0, 10)
+    hu[ring[None] & (((z3 + drop[None] - z_rib0) % pitch) < u(7, 10)) & (z3 > u(20, 50))] = 0.8 * CORTEX
+    hu[:, (np.abs(x2) < 14) & (y2 < -bd * (1 - fat) + 14) & (y2 > -bd * (1 - fat) + 2)] = 0.7 * CORTEX  # sternum
+    vy, vr = bd * (1 - fat) - u(45, 60), u(15, 20)  # vertebral body: centre (posterior), radius
+    vb = np.hypot(x2, y2 - vy)
+    disc = ((z + u(0, 30)) % u(26, 32)) < 6
+    hu[:, vb < vr] = np.where(disc, DISC, SPONGY)[:, None]
+    hu[:, (vb >= vr - 2.5) & (vb < vr)] = np.where(disc, DISC, CORTEX)[:, None]
+    hu[:, (np.abs(x2) < 7) & (y2 > vy + vr + 14) & (y2 < vy + vr + 40)] = 0.8 * CORTEX  # spinous process
+    hu[:, np.hypot(x2, y2 - vy - vr - 8) < 8] = 20  # spinal canal
+    # --- lungs: in-plane ellipses narrowing to the apex, above domed hemidiaphragms
+    z_top = fov_z - u(15, 40)
+    z_dia = {'R': u(55, 90)}
+    z_dia['L'] = z_dia['R'] - u(5, 22)             # the liver lifts the right hemidiaphragm
+    if f['ATEL']:
+        atel_side = fr['ATEL'].choice(['R', 'L'])
+        z_dia[atel_side] += fr['ATEL'].uniform(*ATEL_LIFT)  # volume loss pulls the diaphragm up
+    lung = np.zeros(shape, bool)
+    dia_map, cen = {}, {}
+    for side, sgn in (('R', -1), ('L', 1)):
+        cx, rx = sgn * bw * u(0.44, 0.5), bw * u(0.36, 0.42)
+        cy, ry = bd * u(0.0, 0.1), bd * u(0.72, 0.82)
+        qd = ((x2 - cx) / rx) ** 2 + ((y2 - cy) / ry) ** 2  # (H, W)
+        dia = z_dia[side] + u(15, 30) * (1 - np.minimum(qd, 1)) - 25 * np.clip((y2 - cy) / ry, 0, 1)  # dome, posterior recess
+        widest = z_dia[side] + 0.35 * (z_top - z_dia[side])
+        s2 = np.where(z > widest, 1 - ((z - widest) / (z_top - widest)) ** 2, 1.0)
+        lung |= (qd[None] < s2[:, None, None]) & (z3 > dia[None]) & (rr < rib_in)[None]
+        dia_map[side], cen[side] = dia, (cx, cy, rx, ry)
+    # --- heart: on the left hemidiaphragm, anterior, long axis tilted; cardiomegaly enlarges it
+    scale = 1 + anat.normal(0, HEART_SD)
+    if f['CARD']:  # this patient's heart, enlarged
+        scale *= 1 + fr['CARD'].uniform(*CARD_SCALE)
+    hr = np.array([45.0, bd * 0.42, bw * 0.36]) * scale * anat.normal(1, HEART_SHAPE_SD, 3)
+    hc = np.array([z_dia['L'] + 0.7 * hr[0], -bd * u(0.12, 0.25), bw * u(0.06, 0.16)])
+    a = np.deg2rad(u(20, 40))
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    hs = box(hc, hr.max() * np.ones(3), axes)
+    heart = np.zeros(shape, bool)
+    heart[hs] = ellipsoid_q(hc, hr, axes, hs, rot) < 1
+    lung &= ~heart
+    hu[heart] = soft
+    # --- parenchyma: gravity gradient, texture, vessels where two smooth fields both cross zero
+    # (curves), thicker near the hila; plus an unlabelled supine dependent density, posterior and
+    # basal, that a small effusion must be told apart from (by texture and shape: an encoder can,
+    # a linear model on pooled pixels hardly)
+    tex = smooth_noise(anat, shape, (12 / sz, 12 / sy, 12 / sx))
+    hilum = np.sqrt(((z3 - z_dia['R'] - 0.4 * (z_top - z_dia['R'])) / 80) ** 2 + (y2 / 80) ** 2
+                    + ((np.abs(x2) - 0.25 * bw) / 60) ** 2)
+    thick = 0.08 + 0.25 * np.exp(-hilum)
+    vessel = (np.abs(tex) < thick) & (np.abs(smooth_noise(anat, shape, (15 / sz, 15 / sy, 15 / sx))) < thick)
+    dep = u(*DEPENDENT_HU) * np.clip((y2 / bd - 0.2) / 0.5, 0, 1)[None] * np.exp(-(z3 - min(z_dia.values())) / 50)
+    hu[lung] = (LUNG + 40 * (y / bd)[None, :, None] + 12 * tex + VESSEL * vessel + dep)[lung]
+    carina = z_dia['R'] + 0.55 * (z_top - z_dia['R'])
+    hu[:, (np.abs(x2) < 8) & (np.abs(y2 + 0.1 * bd) < 8)] = np.where(z > carina, AIR, soft)[:, None]  # trachea
+    below = (z3 < np.minimum(dia_map['R'], dia_map['L'])[None]) & (rr < rib_in)[None] & (x2 < 0)[None]
+    hu[below & (hu == soft)] = LIVER
+
+    # --- findings, confined to lung voxels; sizes, positions and contrast drawn per patient
+    def blob(g, r, edge):
+        """An irregular ellipsoid centred in a random lung voxel: (slices, weight in [0, 1])."""
+        side = g.choice(['R', 'L'])
+        cx, cy, rx, ry = cen[side]
+        for _ in range(100):
+            c = np.array([g.uniform(z_dia[side], z_top - 20), g.uniform(cy - ry, cy + ry), g.uniform(cx - rx, cx + rx)])
+            if lung[tuple(min(int(round((ci - a[0]) / (a[1] - a[0]))), len(a) - 1) for ci, a in zip(c, axes))]:
+                break
+        rad = r * g.uniform(0.7, 1.3, 3)
+        sl = box(c, rad * 1.5, axes)
+        q = ellipsoid_q(c, rad, axes, sl, random_rotation(g))
+        q = q + 0.3 * smooth_noise(g, q.shape, (10 / sz, 10 / sy, 10 / sx))  # irregular border
+        return sl, np.clip((1 - q) / edge, 0, 1) * lung[sl]
+
+    if f['CONS']:
+        g = fr['CONS']
+        sl, w = blob(g, g.uniform(*CONS_RADIUS), 0.1)
+        bronch = np.abs(smooth_noise(g, w.shape, (8 / sz, 8 / sy, 8 / sx))) < 0.2  # air bronchograms
+        dense = np.where(bronch, LUNG, g.uniform(*CONS_HU) + 15 * g.standard_normal(w.shape))
+        hu[sl] = hu[sl] * (1 - w) + dense * w
+    if f['LO']:
+        g = fr['LO']
+        sl, w = blob(g, g.uniform(*LO_RADIUS), 1.0)  # soft edge: haze fading out
+        hu[sl] += g.uniform(*LO_HU) * w
+    if f['ATEL']:
+        g = fr['ATEL']
+        cx, cy, rx, ry = cen[atel_side]
+        c = np.array([z_dia[atel_side] + g.uniform(15, 45), cy + g.uniform(-0.3, 0.5) * ry, cx + g.uniform(-0.3, 0.3) * rx])
+        t, r, v = (g.uniform(*k) for k in ATEL_BAND)
+        n = np.array([1.0, g.uniform(-0.4, 0.4), g.uniform(-0.4, 0.4)])
+        n /= np.linalg.norm(n)  # a near-horizontal plate (plate-like atelectasis)
+        sl = box(c, (r, r, r), axes)
+        dz, dy, dx = (a[s] - ci for a, s, ci in zip(axes, sl, c))
+        d = n[0] * dz[:, None, None] + n[1] * dy[None, :, None] + n[2] * dx[None, None, :]  # signed distance to the plane
+        rad2 = dz[:, None, None] ** 2 + dy[None, :, None] ** 2 + dx[None, None, :] ** 2 - d ** 2
+        hu[sl][(np.abs(d) < t / 2) & (rad2 < r * r) & lung[sl]] = v
+    if f['EFF']:
+        g = fr['EFF']
+        for side in [['R'], ['L'], ['R', 'L']][g.choice(3, p=[0.4, 0.3, 0.3])]:
+            cx, cy, rx, ry = cen[side]
+            # a layer on the hemidiaphragm, deepest posteriorly (supine CT) and laterally (meniscus)
+            w = np.clip(0.5 + 0.5 * (y2 - cy) / ry + 0.5 * ((x2 - cx) / rx) ** 2, 0.2, 1.5)
+            level = dia_map[side] + g.uniform(*EFF_HEIGHT) * w
+            hu[lung & (z3 < level[None]) & ((x2 - cx) * np.sign(cx) > -rx)[None]] = FLUID
+    hu += noise.uniform(*NOISE_HU) * noise.standard_normal(shape, dtype=np.float32)
+    return hu, tuple(float(s) for s in spacing_zyx)
+
+
+def drr(hu, spacing_zyx):
+    """Digitally reconstructed radiograph: line integrals of attenuation along anterior-posterior
+    (H), in mm of water, resampled to square pixels; rows superior -> inferior, columns patient
+    right -> left, as a radiograph is displayed. Dense = bright."""
+    sz, sy, sx = spacing_zyx
+    mu = np.maximum(hu.astype(np.float32) + 1000.0, 0.0) / 1000.0  # attenuation relative to water
+    img = mu.sum(1) * sy                                            # (Z, W) water-equivalent mm
+    s = min(sz, sx)
+    img = ndimage.zoom(img, (sz / s, sx / s), order=1)             # square pixels: 2D has no spacing
+    return np.ascontiguousarray(img[::-1], dtype=np.float32)       # superior at the top
+
+
+# -----------------------------------------------------------------------------
+# the data set on disk, and its raw-pixel floor
+
+def make(out_dir, seed=0, n2d=N2D, n3d=N3D, long_side_2d=LONG_SIDE_2D, long_side_3d=LONG_SIDE_3D, workers=None):
+    """Generate the phantom world into out_dir through data.preprocess_records (the real-data path);
+    out_dir/phantom.json records the config and, once done, the report. A complete folder is skipped;
+    an interrupted one resumes (finished shards are kept)."""
+    config = dict(version=VERSION, seed=seed, n2d=list(n2d), n3d=list(n3d), long_side_2d=long_side_2d,
+                  long_side_3d=long_side_3d)
+    marker = os.path.join(out_dir, 'phantom.json')
+    if os.path.exists(marker):
+        with open(marker) as fh:
+            done = json.load(fh)
+        if done['config'] != config:
+            raise ValueError(f"{marker}: this folder holds a phantom world made with {done['config']}, not "
+                             f"{config}; delete {out_dir} or pass another --out")
+        if done.get('complete'):
+            print(f"phantom world in {out_dir} is complete ({marker}): skipping")
+            return done
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(marker, dict(config=config, complete=False))
+    t0 = time.time()
+    rep = data.preprocess_records(records(seed, n2d, n3d), load, out_dir, 'phantom', workers=workers,
+                                  long_side={'2d': long_side_2d, '3d': long_side_3d},
+                                  command=f"python data.py phantom --out {out_dir}")
+    if rep['failed']:  # every phantom is valid by construction: a failure is a bug, never a skip
+        raise RuntimeError(f"phantom: {rep['failed']} samples failed, e.g. {rep['failures'][0]}")
+    nbytes = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir) if n.endswith('.h5'))
+    done = dict(config=config, complete=True, seconds=round(time.time() - t0, 1), bytes=nbytes,
+                written=rep['written'], skipped=rep['skipped'])
+    _write_json(marker, done)
+    print(f"phantom world: {rep['written'] + rep['skipped']} samples, {nbytes / 2 ** 20:.0f} MiB in {out_dir}, "
+          f"{done['seconds']:.0f} s")
+    return done
+
+
+def _write_json(path, obj):
+    with open(path + '.tmp', 'w') as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(path + '.tmp', path)  # never a half-written marker
+
+
+# Raw pixels, average-pooled to a fixed grid whatever the image size: ~256 2D / 512 3D features.
+# (8x8 / 32x32 in 2D and 6^3 / 12^3 in 3D gave floors within ~0.02 of these; README.)
+FLOOR_GRID = {'2d': (16, 16), '3d': (8, 8, 8)}
+FLOOR_C = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # inverse L2 strength, picked on val
+
+
+def pixel_floor(data_dir, n_boot=1000, seed=0):
+    """The floor every encoder must beat: per finding, a logistic regression on standardised pooled
+    raw pixels, fit on train, C chosen on val by AUROC, scored on test. Returns, per modality,
+    dict(auroc={finding: AUROC}, macro, ci_low, ci_high (95% bootstrap over test patients), n_train, n_test)."""
+    out = {}
+    for mod, grid in FLOOR_GRID.items():
+        X, Y = {}, {}
+        for split in ('train', 'val', 'test'):
+            ds = data.ShardDataset(data_dir, split=split, modality=mod)
+            pool = F.adaptive_avg_pool2d if mod == '2d' else F.adaptive_avg_pool3d
+            items = [ds[i] for i in range(len(ds))]
+            X[split] = np.stack([pool(torch.from_numpy(it['image'])[None], grid).flatten().numpy() for it in items])
+            Y[split] = np.stack([it['labels'] for it in items])
+        out[mod] = fit_floor(X, Y, n_boot, seed)
+    return out
+
+
+def fit_floor(X, Y, n_boot=1000, seed=0):
+    """pixel_floor's model on feature matrices X[split] (N, D) and labels Y[split] (N, 5), NaN masked.
+    A finding with one class in some split (tiny data sets) gets AUROC NaN and is left out of the macro."""
+    mu, sd = X['train'].mean(0), X['train'].std(0) + 1e-6
+    Xs = {k: (v - mu) / sd for k, v in X.items()}
+    scores, res = {}, dict(auroc={}, C={})
+    for j, name in enumerate(LABELS):
+        m = {k: ~np.isnan(v[:, j]) for k, v in Y.items()}
+        y = {k: v[m[k], j] for k, v in Y.items()}
+        res['auroc'][name], res['C'][name] = float('nan'), None
+        if any(len(np.unique(v)) < 2 for v in y.values()):
+            continue
+        fits = [LogisticRegression(C=C, max_iter=5000).fit(Xs['train'][m['train']], y['train']) for C in FLOOR_C]
+        k = int(np.argmax([roc_auc_score(y['val'], lr.decision_function(Xs['val'][m['val']])) for lr in fits]))
+        scores[name] = fits[k].decision_function(Xs['test'])
+        res['auroc'][name], res['C'][name] = float(roc_auc_score(y['test'], scores[name][m['test']])), FLOOR_C[k]
+    res['macro'] = float(np.mean([res['auroc'][n] for n in scores])) if scores else float('nan')
+    rng, n, boot = np.random.default_rng(seed), len(Y['test']), []
+    for _ in range(n_boot):  # one test sample per patient, so resampling rows resamples patients
+        i, a = rng.integers(n, size=n), []
+        for j, name in enumerate(LABELS):
+            if name in scores:
+                yb, sb = Y['test'][i, j], scores[name][i]
+                k = ~np.isnan(yb)
+                if len(np.unique(yb[k])) == 2:
+                    a.append(roc_auc_score(yb[k], sb[k]))
+        boot.append(np.mean(a) if a else np.nan)
+    res['ci_low'], res['ci_high'] = (float(v) for v in np.nanpercentile(boot, [2.5, 97.5]))
+    res['n_train'], res['n_test'] = len(Y['train']), n
+    return res
