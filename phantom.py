@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from scipy import ndimage  # scipy comes with scikit-learn
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
 import data
 
@@ -48,7 +49,8 @@ VERSION = 1  # bump when the generator changes: make() refuses to mix versions i
 N2D = (3000, 300, 1000)  # (train, val, test) radiographs
 N3D = (1000, 150, 500)   # (train, val, test) CT volumes
 # Long sides are smaller than the paper's 224 / 112: this is the CPU quick-start world. With patch 14
-# a radiograph is ~8x7 = 56 tokens and a CT ~5x4x3 = 60, a tenth of the paper's 256 and 512 tokens.
+# a whole radiograph is ~6x8 = 47 tokens and a CT ~4x3x5 = 53 (paper: ~256 and ~512), and a 3D sample
+# stays ~190 KB on disk (int8), so the default world is ~350 MB. A lesion still spans 1-2 patches.
 LONG_SIDE_2D = 112
 LONG_SIDE_3D = 70
 NAN_FRACTION_2D = 0.03  # share of 2D labels hidden as unknown (NaN), as in CheXpert-labelled data
@@ -151,10 +153,10 @@ def box(c, r, axes):
 
 
 def ellipsoid_q(c, r, axes, sl, rot):
-    """Quadratic form q = sum(((rot (p - c)) / r)^2) on the box sl of the grid: q < 1 inside."""
+    """q = sum_k ((rot (p - c))_k / r_k)^2 on the box sl of the grid: q < 1 inside the ellipsoid."""
     z, y, x = (a[s] - ci for a, s, ci in zip(axes, sl, c))
-    p = np.stack(np.broadcast_arrays(z[:, None, None], y[None, :, None], x[None, None, :]), -1)  # (z, y, x, 3)
-    return (((p @ rot.T) / np.asarray(r)) ** 2).sum(-1)
+    z, y, x = z[:, None, None], y[None, :, None], x[None, None, :]
+    return sum(((R[0] * z + R[1] * y + R[2] * x) / rk) ** 2 for R, rk in zip(rot, r))  # plain broadcasts, no BLAS
 
 
 def random_rotation(rng):
@@ -358,10 +360,10 @@ def _write_json(path, obj):
     os.replace(path + '.tmp', path)  # never a half-written marker
 
 
-# Raw pixels, average-pooled to a fixed grid whatever the image size: ~256 2D / 512 3D features.
-# (8x8 / 32x32 in 2D and 6^3 / 12^3 in 3D gave floors within ~0.02 of these; README.)
+# Raw pixels, average-pooled to a fixed grid whatever the image size: 256 2D / 512 3D features. Of the
+# grids tried (2D 8^2, 16^2, 32^2; 3D 6^3, 8^3, 12^3) these gave the highest macro: the strongest floor.
 FLOOR_GRID = {'2d': (16, 16), '3d': (8, 8, 8)}
-FLOOR_C = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # inverse L2 strength, picked on val
+FLOOR_C = (1e-4, 1e-3, 1e-2, 0.1, 1.0)  # inverse L2 strength, picked on val (test AUROC is flat beyond 1)
 
 
 def pixel_floor(data_dir, n_boot=1000, seed=0):
@@ -374,10 +376,11 @@ def pixel_floor(data_dir, n_boot=1000, seed=0):
         for split in ('train', 'val', 'test'):
             ds = data.ShardDataset(data_dir, split=split, modality=mod)
             pool = F.adaptive_avg_pool2d if mod == '2d' else F.adaptive_avg_pool3d
-            items = [ds[i] for i in range(len(ds))]
-            X[split] = np.stack([pool(torch.from_numpy(it['image'])[None], grid).flatten().numpy() for it in items])
-            Y[split] = np.stack([it['labels'] for it in items])
-        out[mod] = fit_floor(X, Y, n_boot, seed)
+            its = (ds[i] for i in range(len(ds)))  # one image in memory at a time (3D train: ~0.8 GB in all)
+            X[split], Y[split] = map(np.stack, zip(*((pool(torch.from_numpy(it['image'])[None], grid).flatten().numpy(),
+                                                       it['labels']) for it in its)))
+        with threadpool_limits(1):  # BLAS threads on these small matrices spun against each other: 16x slower
+            out[mod] = fit_floor(X, Y, n_boot, seed)
     return out
 
 
@@ -393,10 +396,13 @@ def fit_floor(X, Y, n_boot=1000, seed=0):
         res['auroc'][name], res['C'][name] = float('nan'), None
         if any(len(np.unique(v)) < 2 for v in y.values()):
             continue
-        fits = [LogisticRegression(C=C, max_iter=5000).fit(Xs['train'][m['train']], y['train']) for C in FLOOR_C]
-        k = int(np.argmax([roc_auc_score(y['val'], lr.decision_function(Xs['val'][m['val']])) for lr in fits]))
-        scores[name] = fits[k].decision_function(Xs['test'])
-        res['auroc'][name], res['C'][name] = float(roc_auc_score(y['test'], scores[name][m['test']])), FLOOR_C[k]
+        lr, best = LogisticRegression(max_iter=5000, warm_start=True), -1.0
+        for C in FLOOR_C:  # increasing C, each fit starting from the last solution (warm start: fast)
+            lr.set_params(C=C).fit(Xs['train'][m['train']], y['train'])
+            a = roc_auc_score(y['val'], lr.decision_function(Xs['val'][m['val']]))
+            if a > best:
+                best, res['C'][name], scores[name] = a, C, lr.decision_function(Xs['test'])
+        res['auroc'][name] = float(roc_auc_score(y['test'], scores[name][m['test']]))
     res['macro'] = float(np.mean([res['auroc'][n] for n in scores])) if scores else float('nan')
     rng, n, boot = np.random.default_rng(seed), len(Y['test']), []
     for _ in range(n_boot):  # one test sample per patient, so resampling rows resamples patients

@@ -23,6 +23,7 @@ from data import BadInput, MultiCrop, ShardDataset, ShardError
 import csv
 import gzip
 import adapters as A
+import phantom
 import datetime
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -37,6 +38,7 @@ import shutil
 import signal
 import subprocess
 from data import ShardDataset, ShardError
+from phantom import LABELS
 torch.set_num_threads(2)
 P = 14
 
@@ -1984,3 +1986,223 @@ def test_same_seed_same_loss_curve_and_run_recorded(shards, tmp_path, capsys):
     assert ck["run"]["git"] == (git or "unknown") and ck["run"]["torch"] == torch.__version__
     assert ck["run"]["device"].startswith("cpu") and ck["config"] == cfg("a")
     assert f'config: {json.dumps(cfg("a"))}' in printed and f'run: {json.dumps(ck["run"])}' in printed
+
+
+# -----------------------------------------------------------------------------
+# phantom.py: the built-in phantom world
+
+LUNG_MAX = -600  # HU: below this a voxel inside the body is aerated lung (or airway)
+
+
+def twins(seed, finding, **kw):
+    """(hu without, hu with) the finding, same patient; spacing is the same for both."""
+    f0 = np.zeros(5, np.uint8)
+    f1 = f0.copy()
+    f1[LABELS.index(finding)] = 1
+    (h0, sp0), (h1, sp1) = (phantom.volume(np.random.default_rng(seed), f, **kw) for f in (f0, f1))
+    assert sp0 == sp1 and h0.shape == h1.shape
+    return h0, h1, sp0
+
+
+def centroid(mask):
+    return np.array([idx.mean() for idx in np.nonzero(mask)])
+
+
+# ----------------------------------------------------------------------------- records, determinism
+
+def test_records_are_deterministic_with_plausible_labels():
+    n2d, n3d = (3000, 300, 1000), (1000, 150, 500)
+    a, b, c = phantom.records(0, n2d, n3d), phantom.records(0, n2d, n3d), phantom.records(1, n2d, n3d)
+    assert [r['id'] for r in a] == [r['id'] for r in b] and len({r['id'] for r in a}) == len(a) == 5950
+    np.testing.assert_array_equal(np.stack([r['labels'] for r in a]), np.stack([r['labels'] for r in b]))
+    assert not np.array_equal(np.stack([r['findings'] for r in a]), np.stack([r['findings'] for r in c]))
+    for mod, counts in (('2d', n2d), ('3d', n3d)):
+        rs = [r for r in a if r['modality'] == mod]
+        assert [sum(r['split'] == s for r in rs) for s in ('train', 'val', 'test')] == list(counts)
+        lab, f = np.stack([r['labels'] for r in rs]), np.stack([r['findings'] for r in rs]).astype(float)
+        known = ~np.isnan(lab)
+        np.testing.assert_array_equal(lab[known], f[known])  # labels are the truth, some hidden
+        nan = 1 - known.mean()
+        assert (0.01 < nan < 0.06) if mod == '2d' else nan == 0
+        assert ((f.mean(0) > 0.15) & (f.mean(0) < 0.5)).all(), f.mean(0)
+    atel, eff = f[:, 0], f[:, 4]
+    assert atel[eff == 1].mean() > atel[eff == 0].mean() + 0.1  # the label model's correlation
+
+
+def test_load_is_deterministic_and_pure():
+    recs = phantom.records(3, (2, 0, 0), (2, 0, 0))
+    for r in recs:
+        x, y = phantom.load(r), phantom.load(dict(r))
+        if r['modality'] == '3d':
+            assert x[1] == y[1]
+            x, y = x[0], y[0]
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_raises(AssertionError, np.testing.assert_array_equal,
+                             phantom.load(recs[0]), phantom.load(recs[1]))
+
+
+# ----------------------------------------------------------------------------- the volumes
+
+def test_volume_shapes_spacing_and_ranges():
+    for seed in range(4):
+        hu, sp = phantom.volume(np.random.default_rng(seed), [1, 1, 1, 1, 1])
+        assert hu.dtype == np.float32 and hu.ndim == 3 and np.isfinite(hu).all()
+        assert phantom.SPACING_3D_Z[0] <= sp[0] <= phantom.SPACING_3D_Z[1] and sp[1] == sp[2]
+        ext = np.array(hu.shape) * sp  # mm: a chest, inferior-superior x anterior-posterior x right-left
+        assert 250 < ext[0] < 330 and 190 < ext[1] < 340 and 300 < ext[2] < 440, ext
+        assert -1150 < hu.min() < -950 and 400 < hu.max() < 800
+        assert 0.05 < (hu < -950).mean() < 0.5   # air around the body
+        assert 0.1 < ((hu < LUNG_MAX) & (hu > -950)).mean() < 0.5  # lungs
+    hu, sp = phantom.volume(np.random.default_rng(0), [0] * 5, spacing_zyx=(3.0, 7.0, 3.0))
+    assert sp == (3.0, 7.0, 3.0)
+    with pytest.raises(ValueError, match='0/1'):
+        phantom.volume(np.random.default_rng(0), [np.nan, 0, 0, 0, 0])
+
+
+def test_canonical_orientation():
+    """Z inferior -> superior, H anterior -> posterior, W patient right -> left."""
+    for seed in range(3):
+        h0, h1, _ = twins(seed, 'CARD')
+        Z, H, W = h0.shape
+        bone = h0 > 300
+        mid = np.zeros_like(bone)
+        mid[:, :, W // 2 - W // 10:W // 2 + W // 10] = True
+        assert centroid(bone & mid)[1] > H / 2          # the spine is posterior
+        heart = (h1 > -200) & (h0 < LUNG_MAX)           # where the bigger heart displaced lung
+        assert heart.sum() > 0
+        zc, hc, wc = centroid(heart)
+        assert wc > W / 2 and hc < centroid(bone & mid)[1]  # the heart is on the left, anterior to the spine
+        lung = (h0 < LUNG_MAX) & (h0 > -950)
+        assert centroid(lung)[0] > zc                    # above the diaphragm, the heart low in the chest
+
+
+# ----------------------------------------------------------------------------- findings, on HU
+
+def test_cardiomegaly_enlarges_the_heart():
+    for seed in range(6):
+        h0, h1, _ = twins(seed, 'CARD')
+        soft0, soft1 = ((h > -200) & (h < 150) for h in (h0, h1))
+        lung0, lung1 = ((h < LUNG_MAX) & (h > -950) for h in (h0, h1))
+        assert soft1.sum() > soft0.sum() and lung1.sum() < lung0.sum()
+        assert (soft0 & ~soft1).sum() < 0.01 * soft0.sum()  # it only grows
+
+
+def test_effusion_is_fluid_at_a_dependent_lung_base():
+    for seed in range(6):
+        h0, h1, _ = twins(seed, 'EFF')
+        lung = (h0 < LUNG_MAX) & (h0 > -950)
+        fluid = lung & (np.abs(h1 - phantom.FLUID) < 60)  # lung became water-dense
+        changed = h1 != h0
+        assert fluid.sum() > 0 and (np.abs(h1[changed] - phantom.FLUID) < 60).all()  # only fluid added
+        fz, fh, _ = centroid(fluid)
+        lz, lh, _ = centroid(lung)
+        zs = np.nonzero(lung)[0]
+        assert fz < zs.min() + 0.3 * (zs.max() - zs.min())  # at the base
+        assert fh > lh                                      # and posterior (supine, dependent)
+
+
+def test_consolidation_is_a_dense_local_region():
+    for seed in range(6):
+        h0, h1, sp = twins(seed, 'CONS')
+        dense = (h0 < LUNG_MAX) & (h1 > -250)
+        assert dense.sum() > 0
+        ext = (np.ptp(np.nonzero(dense), axis=1) + 1) * sp  # mm
+        assert ext.max() < 2 * 1.5 * 1.3 * phantom.CONS_RADIUS[1]  # local, not a whole lung
+
+
+def test_opacity_is_hazy_not_dense():
+    for seed in range(6):
+        h0, h1, _ = twins(seed, 'LO')
+        d = h1 - h0
+        assert d.min() >= 0 and 50 < d.max() <= phantom.LO_HU[1] + 1e-3
+        hazy = d > 100
+        assert hazy.sum() > 0 and np.median(h1[hazy]) < -250  # ground glass: lung still shows through
+
+
+def test_atelectasis_loses_volume_and_adds_a_band():
+    for seed in range(6):
+        h0, h1, _ = twins(seed, 'ATEL')
+        lung0, lung1 = ((h < LUNG_MAX) & (h > -950) for h in (h0, h1))
+        assert lung1.sum() < 0.99 * lung0.sum()  # volume loss
+        # the band: lung turned dense with aerated lung both above and below it (a plate inside the
+        # lung), unlike the raised hemidiaphragm, which has lung above only
+        dense = lung0 & (h1 > -250)
+        lung_below, lung_above = (np.any([np.roll(lung1, k, 0) for k in ks], 0) for ks in ((1, 2, 3, 4), (-1, -2, -3, -4)))
+        assert (dense & lung_above & lung_below).sum() > 0 and (dense & lung_above & ~lung_below).sum() > 0
+
+
+# ----------------------------------------------------------------------------- DRR
+
+def test_drr_closed_form_and_orientation():
+    water = np.zeros((4, 5, 6), np.float32)  # 0 HU: attenuation 1 per mm of path
+    np.testing.assert_allclose(phantom.drr(water, (2.0, 3.0, 2.0)), np.full((4, 6), 15.0), rtol=1e-6)
+    np.testing.assert_allclose(phantom.drr(water - 1000, (2.0, 3.0, 2.0)), 0.0)  # air
+    bone = water.copy()
+    bone[0, 2, 0] = 1000.0  # inferior, patient-right voxel of twice water's attenuation
+    img = phantom.drr(bone, (2.0, 3.0, 2.0))
+    assert img[-1, 0] == 18.0 and (img == 15.0).sum() == img.size - 1  # bottom row, left column
+    assert phantom.drr(np.zeros((3, 2, 5), np.float32), (4.0, 1.0, 2.0)).shape == (6, 5)  # square pixels
+
+
+def test_drr_shows_findings_where_a_radiograph_would():
+    h0, h1, sp = twins(0, 'EFF', spacing_zyx=(3.2, 7.0, 3.2))
+    d = phantom.drr(h1, sp) - phantom.drr(h0, sp)
+    assert d.min() >= 0 and centroid(d > 1)[0] > 0.6 * d.shape[0]  # the base is at the bottom
+    h0, h1, sp = twins(0, 'CARD', spacing_zyx=(3.2, 7.0, 3.2))
+    d = phantom.drr(h1, sp) - phantom.drr(h0, sp)
+    assert centroid(d > 1)[1] > 0.5 * d.shape[1]  # the patient's left is the viewer's right
+
+
+# ----------------------------------------------------------------------------- end to end, floor
+
+def test_make_end_to_end(tmp_path):
+    n2d, n3d = (4, 2, 2), (2, 1, 1)
+    rep = phantom.make(tmp_path / 'a', seed=5, n2d=n2d, n3d=n3d, workers=1)
+    assert rep['complete'] and rep['written'] == 12
+    recs = {r['id']: r for r in phantom.records(5, n2d, n3d)}
+    ds = data.ShardDataset(tmp_path / 'a')
+    assert sorted(ds.id) == sorted(recs)
+    for i in range(len(ds)):
+        it = ds[i]
+        r = recs[it['id']]
+        np.testing.assert_array_equal(it['labels'], r['labels'])
+        assert it['split'] == r['split'] and it['modality'] == r['modality']
+        assert max(it['image'].shape) == (phantom.LONG_SIDE_2D if r['modality'] == '2d' else phantom.LONG_SIDE_3D)
+        raw = phantom.load(r)  # stored = data.py's own preprocessing of the raw image, then int8
+        ref = data.preprocess_xray(raw, phantom.LONG_SIDE_2D) if r['modality'] == '2d' else \
+            data.preprocess_ct(*raw, phantom.LONG_SIDE_3D)
+        np.testing.assert_allclose(it['image'], ref, atol=0.5 / data.Q + 1e-6)
+    mtime = os.path.getmtime(ds.files[0])
+    assert phantom.make(tmp_path / 'a', seed=5, n2d=n2d, n3d=n3d, workers=1)['complete']  # skipped
+    assert os.path.getmtime(ds.files[0]) == mtime
+    with pytest.raises(ValueError, match='phantom.json'):
+        phantom.make(tmp_path / 'a', seed=6, n2d=n2d, n3d=n3d, workers=1)
+    phantom.make(tmp_path / 'b', seed=5, n2d=n2d, n3d=n3d, workers=1)  # a second generation: identical
+    db = data.ShardDataset(tmp_path / 'b')
+    for i in range(len(ds)):
+        assert ds.id[i] == db.id[i]
+        np.testing.assert_array_equal(ds[i]['image'], db[i]['image'])
+
+
+def test_fit_floor_separable_random_and_nan():
+    rng = np.random.default_rng(0)
+    Y = {s: (rng.random((n, 5)) < 0.3).astype(np.float32) for s, n in (('train', 600), ('val', 300), ('test', 1000))}
+    Y['train'][rng.random((600, 5)) < 0.1] = np.nan  # unknown labels are masked, not counted as negatives
+    sep = {s: np.concatenate([np.nan_to_num(y, nan=0.5) + 0.1 * rng.standard_normal(y.shape),
+                              rng.standard_normal((len(y), 20))], 1) for s, y in Y.items()}
+    res = phantom.fit_floor(sep, Y, n_boot=100)
+    assert min(res['auroc'].values()) > 0.99 and res['ci_low'] <= res['macro'] <= res['ci_high']
+    noise = {s: rng.standard_normal((len(y), 20)) for s, y in Y.items()}
+    res = phantom.fit_floor(noise, Y, n_boot=100)
+    assert all(abs(a - 0.5) < 0.08 for a in res['auroc'].values()) and abs(res['macro'] - 0.5) < 0.04
+    assert res['n_train'] == 600 and res['n_test'] == 1000
+
+
+@pytest.mark.slow
+def test_default_world_is_calibrated(tmp_path, request):
+    """The issue's calibration: every finding 0.6-0.9 raw-pixel AUROC on test, macro below 0.8."""
+    if 'slow' not in (request.config.option.markexpr or ''):
+        pytest.skip('minutes: run with pytest -m slow')
+    phantom.make(tmp_path)
+    for mod, res in phantom.pixel_floor(tmp_path).items():
+        assert all(0.6 <= a <= 0.9 for a in res['auroc'].values()) and res['macro'] < 0.8, (mod, res)
