@@ -4,41 +4,48 @@ injection ones with `-m "not slow"`; CI runs them all).
 Each test checks against an independent reference: a naive loop, a closed form or a library.
 """
 
-import math
-
-import pytest
-import torch
-import torch.nn.functional as F
-
-import pack
-from model import ModelConfig, SparseMedicalViT, PRESETS
-from pack import pack_views, pool_views, split_views, varlen_attention, attention_path
-from rope3d import grid_coords, apply_rope, rope_cos_sin
-
-import json
-import pickle
-import zlib
-import h5py
-from data import BadInput, MultiCrop, ShardDataset, ShardError
-import csv
-import gzip
-import adapters as A
-import phantom
-import datetime
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-import lejepa
-from lejepa import Projector, epps_pulley, lejepa_loss, random_directions, sigreg
-from sklearn.metrics import roc_auc_score
-import probe
 import ast
+import csv
+import datetime
 import errno
+import gzip
 import hashlib
+import json
+import math
+import os
+import pickle
 import shutil
 import signal
+import socket
 import subprocess
-from data import ShardDataset, ShardError
+import sys
+import zlib
+
+from sklearn.metrics import roc_auc_score
+from torch.nn.parallel import DistributedDataParallel as DDP
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from data import BadInput, MultiCrop, ShardDataset, ShardError
+from lejepa import Projector, epps_pulley, lejepa_loss, random_directions, sigreg
+from model import ModelConfig, SparseMedicalViT, PRESETS
+from pack import pack_views, pool_views, split_views, varlen_attention, attention_path
 from phantom import LABELS
+from rope3d import grid_coords, apply_rope, rope_cos_sin
+import adapters as A
+import data
+import lejepa
+import pack
+import phantom
+import probe
+import train
+
+
 torch.set_num_threads(2)
 P = 14
 
@@ -351,15 +358,6 @@ def test_presets_build():
 
 # -----------------------------------------------------------------------------
 # train.py
-
-import os
-import socket
-
-import numpy as np
-import torch.multiprocessing as mp
-
-import data
-import train
 
 
 def write_fake_shards(out, n_train=(16, 8), seed=0, nan_frac=0.2):
