@@ -1553,8 +1553,6 @@ def log_of(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
-def params_of(net):
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- kill -9 mid-checkpoint
