@@ -173,10 +173,12 @@ def main(cfg):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = median_time(run, max(2, cfg["reps"] // 2), sync)
-        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
+        # CPU: the process's peak resident memory so far (monotone, so growth shows only past the last max)
+        mem = (torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda"
+               else __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2 ** 20)
         out["scaling"].append(dict(batch=mult, tokens=pk.num_tokens, step_s=t, peak_gib=mem))
         print(f"   {mult}x: {pk.num_tokens:6d} tokens  {t * 1e3:8.1f} ms  {pk.num_tokens / t / 1e3:7.1f}k tok/s  "
-              f"peak {mem:.2f} GiB" + ("" if dev.type == "cuda" else " (CPU: peak memory not tracked)"))
+              f"peak {mem:.2f} GiB" + ("" if dev.type == "cuda" else " (CPU: process max RSS)"))
     out["breakdown"] = breakdown(enc, proj, opt, packed, V, B, amp, sync, cfg["reps"])
     tot = sum(out["breakdown"].values())
     print("   share of the step: " + ", ".join(f"{k} {v / tot:.0%}" for k, v in out["breakdown"].items())
