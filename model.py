@@ -140,7 +140,8 @@ class SparseMedicalViT(nn.Module):
 
     def pack(self, views) -> Packed:
         """Pack a list of views on the CPU and move the result to the model's device."""
-        packed = pack_views([v.cpu() for v in views], self.cfg.patch, self.cfg.in_chans, self.cfg.alpha)
+        views = [v.cpu() if isinstance(v, torch.Tensor) else v for v in views]  # pack_views refuses non-tensors
+        packed = pack_views(views, self.cfg.patch, self.cfg.in_chans, self.cfg.alpha)
         return packed.to(self.patch_embed.weight.device)
 
     def forward_tokens(self, views_or_packed):
