@@ -18,8 +18,6 @@ The last line printed is one JSON object with every figure.
 """
 
 import json
-import math
-import os
 import statistics
 import sys
 import time
