@@ -1320,10 +1320,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(c["V"], c["N"], c["D"], generator=g)
     y = torch.randn(c["N"], c["K"], generator=g) * 1.5 + 0.3
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "out"), x, y), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "out"), x, y), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in range(2))
 
     assert not dist.is_initialized()  # the reference below is the single-process path of the same code
