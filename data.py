@@ -563,39 +563,52 @@ class _StepBatches(torch.utils.data.Dataset):
     the slice [r*b, (r+1)*b), so ranks never overlap, and the global batch does not depend on the number
     of ranks. Crops are seeded by the stream position, so the batch is a pure function of (seed, s, rank)."""
 
-    def __init__(self, ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop):
+    def __init__(self, ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop, skip_bad=False):
         self.parts = [(ds, b, m) for m, (ds, b) in enumerate(((ds2d, b2d), (ds3d, b3d))) if b]
         for ds, b, m in self.parts:
             if ds is None or len(ds) == 0:
                 raise ValueError(f"batch_{m + 2}d = {b} but there are no {m + 2}D samples; set it to 0 (stage 1 is 2D only)")
         assert self.parts, "b2d + b3d must be positive"
-        self.rank, self.world_size, self.seed, self.crop = rank, world_size, seed, crop
+        self.rank, self.world_size, self.seed, self.crop, self.skip_bad = rank, world_size, seed, crop, skip_bad
 
     def __len__(self):
         return 1 << 62  # endless; DataLoader only needs the sampler's indices
 
+    def _read(self, ds, idx, skipped):
+        """ds[idx]; with skip_bad, a sample that fails to read (ShardError) is replaced by the next
+        readable one in the dataset, and its error appended to `skipped` (logged and counted by train.py)."""
+        for j in range(len(ds) if self.skip_bad else 1):
+            try:
+                return ds[(idx + j) % len(ds)]
+            except ShardError as e:
+                if not self.skip_bad:
+                    raise
+                skipped.append(str(e))
+        raise ShardError(f"skip_bad: no readable sample left in {len(ds)} samples; last error: {skipped[-1]}")
+
     def __getitem__(self, step):
-        views, labels, mods, ids = [], [], [], []
+        views, labels, mods, ids, skipped = [], [], [], [], []
         for ds, b, m in self.parts:
             for i in range(b):
                 k = (step * self.world_size + self.rank) * b + i  # position in this modality's stream
-                item = ds[stream_index(len(ds), self.seed, m, k)]
+                item = self._read(ds, stream_index(len(ds), self.seed, m, k), skipped)
                 views.append(self.crop(item['image'], np.random.default_rng((self.seed, 1, m, k))))
                 labels.append(item['labels'])
                 mods.append(item['modality'])
                 ids.append(item['id'])
         return {'views': [[torch.from_numpy(vs[v]) for vs in views] for v in range(len(views[0]))],  # views[v][i]
                 'labels': torch.from_numpy(np.stack(labels)),  # (B, 5), NaN unknown
-                'modality': mods, 'id': ids, 'step': int(step)}
+                'modality': mods, 'id': ids, 'step': int(step), 'skipped': skipped}
 
 
 def make_loader(ds2d, ds3d, b2d: int, b3d: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                start_step: int = 0, crop: MultiCrop = None, workers: int = 0, stop_step=None):
+                start_step: int = 0, crop: MultiCrop = None, workers: int = 0, stop_step=None, skip_bad=False):
     """This rank's batches from step `start_step` on (endless unless stop_step): b2d 2D samples then b3d
     3D samples (stage 1: b3d = 0, ds3d may be None). Each batch is built whole by one DataLoader worker
     and batches arrive in step order. Batch: {'views': views[v][i] float32 tensors (1, h, w) or
-    (1, z, h, w), global views first; 'labels': (B, 5); 'modality', 'id': lists of B; 'step': int}."""
-    ds = _StepBatches(ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop or MultiCrop())
+    (1, z, h, w), global views first; 'labels': (B, 5); 'modality', 'id': lists of B; 'step': int;
+    'skipped': errors of the bad samples replaced in this batch (skip_bad; else a bad sample raises)}."""
+    ds = _StepBatches(ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop or MultiCrop(), skip_bad)
     steps = range(start_step, stop_step if stop_step is not None else 1 << 62)  # the sampler yields step numbers
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=steps, num_workers=workers,
                                        persistent_workers=workers > 0, prefetch_factor=2 if workers else None)

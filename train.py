@@ -39,6 +39,8 @@ n_local = 8                   # local views per sample (paper: 8)
 global_scale = (0.3, 1.0)     # global view size, fraction of image area (2D) or volume (3D) (paper)
 local_scale = (0.05, 0.3)     # local view size (paper)
 num_workers = 1               # DataLoader worker processes per rank (one keeps up on CPU; GPUs: see README)
+skip_bad_samples = False      # a sample that fails to read (truncated/corrupt shard) stops the run; True: it is
+                              # replaced by the next readable one, with a warning and a count in the log
 # model
 preset = "tiny"               # 'tiny' | 'small' (ViT-S) | 'base' (ViT-B), see model.PRESETS
 proj_hidden = 1024            # LeJEPA projector MLP hidden width
@@ -191,6 +193,12 @@ def main(cfg: dict):
 
     # --- distributed: torchrun sets RANK; then init must succeed (never two silent independent runs)
     ddp = "RANK" in os.environ
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one rendezvous TCPStore across restarts and (since torch 2.5) does not prefix keys per
+        # attempt, so restarted ranks can read the dead attempt's addresses and fail to connect (pytorch#135712)
+        raise RuntimeError("torchrun --max-restarts > 0 shares one rendezvous store across restarts, and restarted "
+                           "ranks may then fail to connect. Run it as TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... "
+                           "(a fresh store per attempt; see README, Restarts)")
     if ddp:
         use_cuda = torch.cuda.is_available() and cfg["device"] != "cpu"
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -260,7 +268,8 @@ def main(cfg: dict):
     print0(f"head: {sum(p.numel() for p in head.parameters()) / 1e6:.2f}M params ({cfg['objective']})")
 
     loader = data.make_loader(ds2d, ds3d, b2d, b3d, rank=rank, world_size=world, seed=cfg["seed"],
-                              start_step=start_step, crop=crop, workers=cfg["num_workers"])
+                              start_step=start_step, crop=crop, workers=cfg["num_workers"],
+                              skip_bad=cfg["skip_bad_samples"])
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
     # the supervised baseline sees only the global views (whole-ish images), LeJEPA all of them
@@ -271,11 +280,14 @@ def main(cfg: dict):
         pbar = tqdm(total=cfg["max_iters"], initial=start_step, desc="train", dynamic_ncols=True)
     it = iter(loader)
     step = start_step
-    t_last, tok_acc, views_acc, steps_acc = time.time(), 0, 0, 0
+    t_last, tok_acc, views_acc, steps_acc, skipped = time.time(), 0, 0, 0, 0
     end = min(cfg["max_iters"], cfg["stop_at"] or cfg["max_iters"])
     while step < end:
         batch = next(it)
         views = batch["views"]  # views[v][i]: view v of sample i
+        for err in batch["skipped"]:  # only with skip_bad_samples; else the loader raised
+            print(f"warning: rank {rank} step {step}: skipped a bad sample: {err}", file=sys.stderr)
+        skipped += len(batch["skipped"])
         B = len(views[0])
         toks = [sum(views[v][i].numel() // (P ** 3 if views[v][i].dim() == 4 and views[v][i].shape[1] > 1 else P * P)
                     for v in range(V)) for i in range(B)]
@@ -320,7 +332,7 @@ def main(cfg: dict):
         if pbar:
             pbar.update(1)
         if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
-            counts = torch.tensor([tok_acc, views_acc], dtype=torch.float64)
+            counts = torch.tensor([tok_acc, views_acc, skipped], dtype=torch.float64)
             if ddp:  # collective: throughput of all ranks
                 dist.all_reduce(counts)
             dt_s = time.time() - t_last
@@ -328,11 +340,12 @@ def main(cfg: dict):
                    else __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2 ** 20)
             rec = dict(step=step, loss=loss_v, pred=pred_v, sigreg=sig_v, lr=lr, grad_norm=float(gnorm),
                        tok_s=counts[0].item() / dt_s, views_s=counts[1].item() / dt_s,
-                       step_ms=1000 * dt_s / steps_acc, mem_gib=mem, n_micro=n_micro)
+                       step_ms=1000 * dt_s / steps_acc, mem_gib=mem, n_micro=n_micro, skipped=int(counts[2]))
             second = "sigreg" if cfg["objective"] == "lejepa" else "bce"
             line = (f"step {step}/{cfg['max_iters']} | loss {loss_v:.4f} | pred {pred_v:.4f} | {second} {sig_v:.4f} | "
                     f"lr {lr:.2e} | gnorm {float(gnorm):.3f} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
-                    f"{rec['views_s']:.0f} views/s | {rec['step_ms']:.0f} ms | mem {mem:.2f} GiB")
+                    f"{rec['views_s']:.0f} views/s | {rec['step_ms']:.0f} ms | mem {mem:.2f} GiB"
+                    + (f" | skipped {rec['skipped']} bad samples so far" if rec["skipped"] else ""))
             if pbar:
                 pbar.write(line)
                 log.write(json.dumps(rec) + "\n")
