@@ -488,18 +488,23 @@ class MultiCrop:
     crop-invariance cannot reward it; issue 6): contrast x(1 +- contrast) about the view's mean,
     brightness +- brightness, Gaussian noise with sigma ~ U(0, noise); then clip to [-1, 1]. In CT
     units 0.1 is 125 HU and 0.02 is 25 HU, about scanner noise.
+    Zoom (off by default): each view shows a region of its size / z, resampled (bi/trilinear) to its
+    size, z ~ exp(U(log zoom)) per view: a scale no two views share, so crop-invariance cannot reward
+    per-patient scale (body size, rib pitch, pixel spacing). A region that would exceed the image is
+    clipped to it (less zoom out on that axis).
     No flips: chest anatomy is lateralised (heart and aortic arch left, liver right); a flipped chest is
     dextrocardia, a real finding, and cardiomegaly is judged from the heart's left-sided bulge. No
     rotations either: orientation is canonical for every source (see the module docstring)."""
 
     def __init__(self, n_global=2, n_local=8, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
-                 aspect=(3 / 4, 4 / 3), patch=PATCH, brightness=0.1, contrast=0.2, noise=0.02, tries=10):
+                 aspect=(3 / 4, 4 / 3), patch=PATCH, brightness=0.1, contrast=0.2, noise=0.02, zoom=(1.0, 1.0),
+                 tries=10):
         assert 0 < global_scale[0] <= global_scale[1] and 0 < local_scale[0] <= local_scale[1]
-        assert 0 < aspect[0] <= 1 <= aspect[1]
+        assert 0 < aspect[0] <= 1 <= aspect[1] and 0 < zoom[0] <= zoom[1]
         self.n_global, self.n_local, self.patch, self.tries = n_global, n_local, patch, tries
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.log_aspect = math.log(aspect[1] / aspect[0]) / 2  # half-width of each axis's log-stretch
-        self.brightness, self.contrast, self.noise = brightness, contrast, noise
+        self.brightness, self.contrast, self.noise, self.log_zoom = brightness, contrast, noise, np.log(zoom)
 
     def size(self, spatial, scale, rng) -> tuple:
         """Patch-snapped view size for an image of spatial shape (H, W) or (Z, H, W)."""
@@ -534,8 +539,13 @@ class MultiCrop:
         views = []
         for v in range(self.n_global + self.n_local):
             size = self.size(spatial, self.global_scale if v < self.n_global else self.local_scale, rng)
-            corner = [rng.integers(0, S - s + 1) for S, s in zip(spatial, size)]
-            crop = image[(slice(None),) + tuple(slice(a, a + s) for a, s in zip(corner, size))]
+            z = math.exp(rng.uniform(*self.log_zoom)) if self.log_zoom[1] > self.log_zoom[0] else 1.0
+            src = [min(S, max(1, round(s / z))) for S, s in zip(spatial, size)]  # region shown at size
+            corner = [rng.integers(0, S - s + 1) for S, s in zip(spatial, src)]
+            crop = image[(slice(None),) + tuple(slice(a, a + s) for a, s in zip(corner, src))]
+            if list(src) != list(size):  # zoom: the region resampled to the patch-snapped size
+                crop = F.interpolate(torch.from_numpy(np.ascontiguousarray(crop))[None], size=size,
+                                     mode="bilinear" if len(size) == 2 else "trilinear", align_corners=False)[0].numpy()
             views.append(self.augment(crop, rng))  # (1, h, w) or (1, z, h, w), a fresh contiguous array
         return views
 

@@ -116,6 +116,12 @@ def fit_probe(xtr, ytr, xva, yva, Cs=Cs, max_iter=max_iter):
     """One logistic regression per finding on standardised features; samples whose label is NaN are
     left out of that finding's fit and score; C is the one with the best validation AUROC (the middle
     candidate if validation lacks a class). Returns (scaler, [classifier or None per finding])."""
+    from threadpoolctl import threadpool_limits  # comes with scikit-learn
+    with threadpool_limits(1):  # multi-threaded BLAS on these small matrices: 5-25x slower (README, Cost)
+        return _fit_probe(xtr, ytr, xva, yva, Cs, max_iter)
+
+
+def _fit_probe(xtr, ytr, xva, yva, Cs, max_iter):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     scaler = StandardScaler().fit(xtr)

@@ -721,6 +721,30 @@ def test_views_are_native_resolution_crops_with_per_view_intensity():
     assert all(-1 <= x.min() and x.max() <= 1 for x in MultiCrop(brightness=0.5)(img, np.random.default_rng(5)))
 
 
+def test_view_zoom_resamples_a_region_by_a_per_view_factor():
+    """zoom=(a, b): each view shows a region of size/z resampled to its patch-snapped size. On a linear
+    ramp, (bi/tri)linear resampling is exact, so the slope along each axis in a view is the source/output
+    size ratio; the reference is the closed form 1/z with z in [a, b] (clipped at the image border)."""
+    for shape in ((1, 112, 98), (1, 42, 70, 56)):
+        d = len(shape) - 1
+        axes = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape[1:]], indexing="ij")
+        ramp = sum(c * (k + 1) for k, c in enumerate(axes)).astype(np.float32)[None] / 1000  # slope k+1 on axis k
+        crop = MultiCrop(n_global=2, n_local=6, zoom=(0.7, 1.4), brightness=0, contrast=0, noise=0)
+        slopes = []
+        for x in crop(ramp, np.random.default_rng(0)):
+            assert all(s % 14 == 0 for s in x.shape[1:])
+            for k in range(d):
+                g = np.diff(x[0].astype(np.float64), axis=k) * 1000 / (k + 1)
+                g = g.take(range(1, g.shape[k] - 1), axis=k)  # at the edges the source coordinate is clamped
+                assert np.allclose(g, g.flat[0], atol=1e-3)  # one factor per axis: a plain resampling
+                slopes.append(g.flat[0])
+        slopes = np.array(slopes)  # = 1/z, or smaller-than-z zoom-out where the image border clips
+        assert slopes.min() >= 1 / 1.4 - 1e-3 and slopes.max() <= 1 / 0.7 + 1e-3
+        assert slopes.max() - slopes.min() > 0.2  # the range is explored
+    plain = MultiCrop(brightness=0, contrast=0, noise=0)(ramp, np.random.default_rng(0))  # default: no resampling
+    assert all(np.allclose(np.diff(x[0].astype(np.float64), axis=0) * 1000, 1, atol=1e-3) for x in plain)
+
+
 # ----------------------------------------------------------------------------- stream
 
 def _batch_key(b):
@@ -1596,6 +1620,14 @@ def test_kill9_during_checkpoint_write_keeps_previous_and_resume_is_exact(shards
     straight = params_of(train.main(fast_cfg(shards, str(tmp_path / "straight"), max_iters=4)))
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
+
+
+def test_ckpt_keep_leaves_one_checkpoint_per_save(shards, tmp_path):
+    train.main(fast_cfg(shards, str(tmp_path), max_iters=3, ckpt_interval=2, ckpt_keep=True))
+    kept = sorted(p.name for p in tmp_path.glob("ckpt_*.pt"))
+    assert kept == ["ckpt_2.pt", "ckpt_3.pt"]
+    assert [torch.load(tmp_path / k, weights_only=True)["step"] for k in kept] == [2, 3]
+    assert sha(tmp_path / "ckpt_3.pt") == sha(tmp_path / "ckpt.pt")
 
 
 # ----------------------------------------------------------------------------- kill -9 of one rank

@@ -38,6 +38,7 @@ n_global = 2                  # global views per sample (paper: 2)
 n_local = 8                   # local views per sample (paper: 8)
 global_scale = (0.3, 1.0)     # global view size, fraction of image area (2D) or volume (3D) (paper)
 local_scale = (0.05, 0.3)     # local view size (paper)
+view_zoom = (1.0, 1.0)        # per-view resampling factor range (1, 1 = native resolution, no resize); data.MultiCrop
 num_workers = 1               # DataLoader worker processes per rank (one keeps up on CPU; GPUs: see README)
 skip_bad_samples = False      # a sample that fails to read (truncated/corrupt shard) stops the run; True: it is
                               # replaced by the next readable one, with a warning and a count in the log
@@ -68,6 +69,7 @@ dtype = "auto"                # 'auto' (bf16 on CUDA and on CPUs with native bf1
 token_budget = 12000          # max tokens per micro-batch per rank (memory bound; more -> fewer accumulation steps)
 log_interval = 10             # steps between log lines
 ckpt_interval = 100           # steps between checkpoints (and one at the end)
+ckpt_keep = False             # also keep each checkpoint as ckpt_<step>.pt (a run's trend, for probe.py)
 stop_at = 0                   # end this job after this step (0 = max_iters); resume later, same schedule
 seed = 1337
 deterministic = False         # torch.use_deterministic_algorithms (tests: exact resume)
@@ -230,7 +232,7 @@ def main(cfg: dict):
     ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d") if b2d else None
     ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d") if b3d else None
     crop = data.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"], global_scale=cfg["global_scale"],
-                          local_scale=cfg["local_scale"])
+                          local_scale=cfg["local_scale"], zoom=cfg["view_zoom"])
 
     # --- model
     mcfg = ModelConfig(**PRESETS[cfg["preset"]])
@@ -355,6 +357,8 @@ def main(cfg: dict):
             save_checkpoint({"model": encoder.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
                              "model_cfg": asdict(mcfg), "config": cfg, "step": step, "data_pos": step,
                              "world_size": world, "rng": {"torch": torch.get_rng_state()}, "run": info}, ckpt_path)
+            if cfg["ckpt_keep"]:
+                shutil.copyfile(ckpt_path, os.path.join(cfg["out_dir"], f"ckpt_{step}.pt"))
     if pbar:
         pbar.close()
     print0(f"done: checkpoint {ckpt_path} (step {step})")
