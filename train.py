@@ -39,6 +39,7 @@ n_local = 8                   # local views per sample (paper: 8)
 global_scale = (0.3, 1.0)     # global view size, fraction of image area (2D) or volume (3D) (paper)
 local_scale = (0.05, 0.3)     # local view size (paper)
 view_zoom = (1.0, 1.0)        # per-view resampling factor range (1, 1 = native resolution, no resize); data.MultiCrop
+view_intensity = (0.1, 0.2, 0.02)  # per-view (brightness, contrast, noise sd) jitter, images in [-1, 1]; data.MultiCrop
 num_workers = 1               # DataLoader worker processes per rank (one keeps up on CPU; GPUs: see README)
 skip_bad_samples = False      # a sample that fails to read (truncated/corrupt shard) stops the run; True: it is
                               # replaced by the next readable one, with a warning and a count in the log
@@ -79,7 +80,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 
 def configure(defaults: dict, argv: list) -> dict:
     """nanoGPT-style overrides: config files (python, executed) then --key=value (literal_eval).
-    An unknown key or a value of another type than the default is an error."""
+    An unknown key, a value of another type than the default or a tuple of another length is an error."""
     cfg = dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
@@ -104,6 +105,8 @@ def configure(defaults: dict, argv: list) -> dict:
             if type(v) is not type(cfg[k]):
                 raise ValueError(f"{origin}: {k}={v!r} is a {type(v).__name__}, expected {type(cfg[k]).__name__} "
                                  f"like the default {cfg[k]!r}")
+            if isinstance(v, tuple) and len(v) != len(cfg[k]):
+                raise ValueError(f"{origin}: {k}={v!r} has {len(v)} values, expected {len(cfg[k])} like the default {cfg[k]!r}")
             if os.environ.get("RANK", "0") == "0":
                 print(f"override from {origin}: {k} = {v!r}")
             cfg[k] = v
@@ -232,7 +235,8 @@ def main(cfg: dict):
     ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d") if b2d else None
     ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d") if b3d else None
     crop = data.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"], global_scale=cfg["global_scale"],
-                          local_scale=cfg["local_scale"], zoom=cfg["view_zoom"])
+                          local_scale=cfg["local_scale"], zoom=cfg["view_zoom"],
+                          **dict(zip(("brightness", "contrast", "noise"), cfg["view_intensity"])))
 
     # --- model
     mcfg = ModelConfig(**PRESETS[cfg["preset"]])
