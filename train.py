@@ -235,8 +235,8 @@ def main(cfg: dict):
     ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d") if b2d else None
     ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d") if b3d else None
     crop = data.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"], global_scale=cfg["global_scale"],
-                          local_scale=cfg["local_scale"], zoom=cfg["view_zoom"],
-                          **dict(zip(("brightness", "contrast", "noise"), cfg["view_intensity"])))
+                          local_scale=cfg["local_scale"], zoom=cfg["view_zoom"], brightness=cfg["view_intensity"][0],
+                          contrast=cfg["view_intensity"][1], noise=cfg["view_intensity"][2])
 
     # --- model
     mcfg = ModelConfig(**PRESETS[cfg["preset"]])
