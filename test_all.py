@@ -400,7 +400,7 @@ def test_configurator_rejects_bad_overrides(tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'max_iter'"):
         train.configure(d, ["--max_iter=5"])
     with pytest.raises(ValueError, match=r"view_intensity=\(0, 0\) has 2 values, expected 3"):
-        train.configure(d, ["--view_intensity=(0,0)"])  # zip() into MultiCrop would drop the noise silently
+        train.configure(d, ["--view_intensity=(0,0)"])  # refused at start, naming the key, not mid-setup
     assert train.configure(d, ["--view_intensity=(0,0,0)"])["view_intensity"] == (0, 0, 0)
     cfgfile = tmp_path / "c.py"
     cfgfile.write_text("batch_2d = 'many'\n")
