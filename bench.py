@@ -106,9 +106,7 @@ def main(cfg):
     dev = torch.device("cuda" if (cfg["device"] == "auto" and torch.cuda.is_available()) or cfg["device"] == "cuda" else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    if not data.has_shards(cfg["data_dir"]):
-        import phantom
-        phantom.make(cfg["data_dir"])
+    data.ensure_phantom(cfg["data_dir"])  # generated on first use, finished if interrupted
     ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d")
     ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d")
     crop = data.MultiCrop()

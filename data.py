@@ -4,6 +4,9 @@ Data: preprocessing into HDF5 shards, the shard reader, multi-crop views and the
 
     preprocess_xray / preprocess_ct    raw image -> float32 (1, H, W) / (1, Z, H, W) in [-1, 1] (paper 2.4)
     preprocess_records(records, load_fn, out_dir, prefix)   parallel load + preprocess -> shards + report
+                                        (report.json: per data set, "complete": false until its run ends)
+    check_complete(path_or_glob)        ShardError naming a data set whose preprocessing run was interrupted
+    ensure_phantom(data_dir)            the phantom world on first use, finished if its generation was interrupted
     ShardDataset(path_or_glob, split, modality)             lazy reader, item = dict(image, labels, ...)
     MultiCrop(...)(image, rng)          V_g global + V_l local views, patch-snapped sizes, no resize (2.2, 2.4)
     make_loader(ds2d, ds3d, b2d, b3d, rank, world_size, seed, start_step, crop, workers)   mixed stream (2.3)
@@ -186,16 +189,22 @@ def write_shard(path, samples: list, meta: dict | None = None):
     os.replace(tmp, path)
 
 
+def _read_report(folder) -> dict:
+    """folder/report.json ({data set prefix: report of its last preprocessing run}), or {} if unreadable."""
+    try:
+        with open(os.path.join(folder, 'report.json')) as f:
+            reps = json.load(f)
+        return reps if isinstance(reps, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _rebuild_hint(path) -> str:
     """The command that built this shard, from its folder's report.json, to quote in errors."""
     folder, name = os.path.split(os.path.abspath(path))
-    try:
-        with open(os.path.join(folder, 'report.json')) as f:
-            for prefix, rep in json.load(f).items():
-                if name.startswith(prefix + '_'):
-                    return rep['command']
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
+    for prefix, rep in _read_report(folder).items():
+        if name.startswith(prefix + '_') and isinstance(rep, dict) and 'command' in rep:
+            return rep['command']
     return f"the `python data.py <name> --root R --out {folder}` command that built it"
 
 
@@ -229,6 +238,40 @@ def _find_shards(path_or_glob) -> list:
 
 def has_shards(path_or_glob) -> bool:
     return bool(_find_shards(path_or_glob))
+
+
+def check_complete(path_or_glob):
+    """ShardError if a data set read here (a folder: any data set in it) was interrupted while being
+    preprocessed: its report.json entry says "complete": false from the start of a run until its end."""
+    p = str(path_or_glob)
+    files = _find_shards(p)
+    names = [os.path.basename(f) for f in files]
+    for folder in sorted({p} if os.path.isdir(p) else {os.path.dirname(os.path.abspath(f)) for f in files}):
+        for prefix, rep in _read_report(folder).items():
+            if isinstance(rep, dict) and rep.get('complete', True) is False and (
+                    os.path.isdir(p) or any(n.startswith(prefix + '_') for n in names)):
+                raise ShardError(f"{folder}: data set '{prefix}' is incomplete: its preprocessing run was interrupted "
+                                 f"(report.json: \"complete\": false), so some of its shards are missing. Resume it with "
+                                 f"`{rep.get('command', f'python data.py {prefix} --root R --out {folder}')}` "
+                                 f"(finished shards are kept)")
+
+
+def ensure_phantom(data_dir, workers=None):
+    """What train.py, probe.py and bench.py do first (rank 0): generate the phantom world in data_dir when the
+    folder holds no shards and no report of another data set, and finish one whose generation was interrupted
+    (phantom.json "complete": false; finished shards are kept). A complete world or real data: left alone."""
+    try:
+        with open(os.path.join(data_dir, 'phantom.json')) as f:
+            interrupted = not json.load(f).get('complete')
+    except (OSError, ValueError, AttributeError):
+        interrupted = False
+    if not interrupted and (has_shards(data_dir) or _read_report(data_dir)):
+        return
+    print(f"{data_dir}: " + ("its phantom world was interrupted (phantom.json: \"complete\": false): finishing it"
+                             if interrupted else "no shards: generating the phantom world there")
+          + f" (python data.py phantom --out {data_dir})")
+    import phantom  # lazily: only when there is a world to make
+    phantom.resume(data_dir, workers=workers)
 
 
 def _prepare_one(load_fn, long_side, rec):
@@ -331,6 +374,8 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
     rep['stale'] = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, f"{prefix}_*.h5"))
                           if os.path.basename(p) not in planned)
     flat = [r for _, rs, _ in todo for r in rs]
+    # "complete": false until the last shard is written: readers refuse a folder left by a killed run (check_complete)
+    _save_report(out_dir, prefix, dict(command=command, complete=False))
     work = partial(_prepare_one, load_fn, long_side)
     workers = min(workers or os.cpu_count() or 1, max(len(flat), 1))
     # spawn, not fork: the parent may hold torch/OpenMP threads, and a forked child of those can hang
@@ -357,7 +402,7 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
         if pool:
             pool.close()
             pool.join()
-    rep['failed'] = len(rep['failures'])
+    rep['failed'], rep['complete'] = len(rep['failures']), True
     _save_report(out_dir, prefix, rep)
     print(f"{prefix}: written {rep['written']} | skipped {rep['skipped']} (finished shards) | failed {rep['failed']}"
           f" | shards {rep['shards_written']} written, {rep['shards_skipped']} skipped -> {out_dir}")
@@ -376,11 +421,7 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
 
 def _save_report(out_dir, prefix, rep):
     path = os.path.join(out_dir, 'report.json')
-    try:
-        with open(path) as f:
-            all_reps = json.load(f)
-    except (OSError, ValueError):
-        all_reps = {}
+    all_reps = _read_report(out_dir)
     all_reps[prefix] = rep
     with open(path + '.tmp', 'w') as f:
         json.dump(all_reps, f, indent=1)
@@ -394,16 +435,20 @@ class ShardDataset(torch.utils.data.Dataset):
     inherited through fork (HDF5 handles are not fork-safe)."""
 
     def __init__(self, path_or_glob, split=None, modality=None):
+        check_complete(path_or_glob)
         self.files = _find_shards(path_or_glob)
         if not self.files:
             raise FileNotFoundError(f"no shards (*.h5) at {path_or_glob}; build them with "
                                     f"`python data.py <name> --root R --out DIR` (or `python data.py phantom --out DIR`)")
         cols = {k: [] for k in ('file', 'start', 'stop', 'shape', 'labels', 'spacing', 'id', 'patient_id',
                                 'study_id', 'modality', 'split')}
+        held = {}  # (modality, split) -> samples in these shards, for the error below
         for fi, path in enumerate(self.files):
             with _open_shard(path) as h:
                 off = h['offset'][:]
                 strs = {k: h[k].asstr()[:] for k in ('id', 'patient_id', 'study_id', 'modality', 'split')}
+                for ms in zip(strs['modality'], strs['split']):
+                    held[ms] = held.get(ms, 0) + 1
                 keep = np.ones(len(off) - 1, bool)
                 if split is not None:
                     keep &= strs['split'] == split
@@ -421,6 +466,11 @@ class ShardDataset(torch.utils.data.Dataset):
                     cols[k].append(v[keep])
         for k, v in cols.items():
             setattr(self, k, np.concatenate(v))
+        if not len(self.id):
+            holds = ', '.join(f"{m} {sp}: {n}" for (m, sp), n in sorted(held.items())) or 'no samples at all'
+            raise ValueError(f"{path_or_glob}: no samples of split {split or 'any'!r}, modality {modality or 'any'!r} in "
+                             f"its {len(self.files)} shards; it holds {holds}. Preprocess those (python data.py <name> "
+                             f"--root R --out DIR) or ask for what is there (train.py: --batch_2d=0 or --batch_3d=0)")
         self.split_filter, self.modality_filter = split, modality
         self._handles, self._pid = {}, None
 
@@ -662,7 +712,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.name == 'phantom':
         import phantom  # lazily: the phantom world is only needed when asked for
-        return phantom.make(args.out, workers=args.workers)
+        return phantom.resume(args.out, workers=args.workers)  # an interrupted world: as it was started
     if not args.root:
         p.error(f"{args.name} needs --root, the folder of the raw data set")
     records, load_fn = adapters.adapter_records(args.name, args)

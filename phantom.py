@@ -6,6 +6,7 @@ The phantom chest world: a labelled synthetic 2D + 3D data set that needs no dow
         3d: volume(rng, findings)            -> HU volume (Z, H, W) + spacing, like a CT scan
         2d: drr(volume(rng, findings, DRR))  -> a radiograph projected through ANOTHER phantom patient
     make(out_dir)            -> both go through data.preprocess_records, the same path as real data
+    resume(out_dir)          -> make() with the config out_dir/phantom.json was started with
     pixel_floor(out_dir)     -> logistic regression on downsampled raw pixels: the floor to beat
 
 Anatomy (mm, patient frame): body outline with a fat layer, two lungs above domed hemidiaphragms,
@@ -25,7 +26,8 @@ Canonical 3D orientation (the one data.py expects): Z = axial slices inferior ->
 H = anterior -> posterior, W = patient right -> left. A 2D radiograph is displayed as usual:
 rows superior -> inferior, columns patient right -> left (the patient faces the viewer).
 
-Usage: python data.py phantom --out data/phantom   (train.py and probe.py call make() on first use)
+Usage: python data.py phantom --out data/phantom   (train.py, probe.py and bench.py make it on first use,
+and finish an interrupted one: data.ensure_phantom)
 """
 
 import json
@@ -352,6 +354,17 @@ def make(out_dir, seed=0, n2d=N2D, n3d=N3D, long_side_2d=LONG_SIDE_2D, long_side
     print(f"phantom world: {rep['written'] + rep['skipped']} samples, {nbytes / 2 ** 20:.0f} MiB in {out_dir}, "
           f"{done['seconds']:.0f} s")
     return done
+
+
+def resume(out_dir, workers=None):
+    """make() with the config recorded in out_dir/phantom.json, so an interrupted world is finished as it was
+    started (python data.py phantom; data.ensure_phantom); a new folder gets the defaults."""
+    marker = os.path.join(out_dir, 'phantom.json')
+    cfg = {}
+    if os.path.exists(marker):
+        with open(marker) as fh:
+            cfg = {k: v for k, v in json.load(fh)['config'].items() if k != 'version'}  # make() checks the version
+    return make(out_dir, workers=workers, **cfg)
 
 
 def _write_json(path, obj):

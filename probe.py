@@ -362,6 +362,8 @@ def find_sets(folder: str, external: bool) -> dict:
     {prefix}_{split}_{modality}_NNNNN.h5). A set: prefix, modality, external, and per split the
     shard glob and a fingerprint (names, sizes, mtimes) so rebuilt shards never reuse cached features."""
     import glob
+    import data
+    data.check_complete(folder)  # a folder whose preprocessing was interrupted would give numbers on part of a set
     sets = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.h5"))):
         parts = os.path.basename(path)[:-3].rsplit("_", 3)
@@ -416,10 +418,7 @@ def main(cfg: dict):
     dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     encoders, ck = load_encoders(cfg, dev)
     data_dir = cfg["data_dir"] or ck["config"]["data_dir"]
-    if not data.has_shards(data_dir):  # as train.py: the phantom world is made on first use
-        print(f"no shards in {data_dir}: generating the phantom world there (python data.py phantom)")
-        import phantom
-        phantom.make(data_dir)
+    data.ensure_phantom(data_dir)  # as train.py: the phantom world is made on first use, finished if interrupted
     sets = find_sets(data_dir, external=False)
     if cfg["external_dir"]:
         sets.update(find_sets(cfg["external_dir"], external=True))

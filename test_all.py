@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import zlib
 
 from sklearn.metrics import roc_auc_score
@@ -1911,6 +1912,141 @@ def test_checkpoint_from_another_config_lists_keys_and_shapes(shards, tmp_path):
     assert unexpected and all(f"  unexpected: {k}\n" in msg for k in unexpected)
     assert f"  shape: patch_embed.weight: checkpoint (192, 1, 14, 14, 14) vs model (48, 1, 14, 14, 14)\n" in msg
     assert msg.count("  shape: ") == min(20, sum(own[k].shape != state[k].shape for k in own if k in state))
+
+
+# ----------------------------------------------------------------------------- interrupted first runs
+
+SMALL_WORLD = dict(seed=3, n2d=(6, 2, 2), n3d=(2, 1, 1), long_side_2d=56, long_side_3d=42)  # 6 shards, 14 samples
+
+
+def interrupted(run, n_shards):
+    """run(), stopped by Ctrl-C (KeyboardInterrupt) as data.preprocess_records is about to write shard n_shards + 1."""
+    real, written = data.write_shard, []
+
+    def write(path, *a, **k):
+        if len(written) == n_shards:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(path, *a, **k)
+    with pytest.MonkeyPatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(data, "write_shard", write)
+        run()
+
+
+def test_real_data_interrupted_mid_run_names_the_set_and_the_resume_command(tmp_path):
+    """A preprocessing run stopped after 2 of its 4 shards: every reader (ShardDataset, bench.py, probe.py) names
+    the data set and the command that resumes it; re-running that command keeps the 2 finished shards."""
+    import bench
+    recs = [_rec(0, 'xray', split='test'), _rec(1, 'xray'), _rec(2, 'xray'), _rec(3, 'ct')]
+    cmd = f"python data.py toy --root /raw --out {tmp_path}"
+    prep = lambda: data.preprocess_records(recs, _toy_load, tmp_path, 'toy', shard_size=1, workers=1, command=cmd)
+    interrupted(prep, 2)
+    assert len(list(tmp_path.glob("toy_*.h5"))) == 2 and json.load(open(tmp_path / "report.json"))["toy"]["complete"] is False
+    data.write_shard(tmp_path / "other_train_2d_00000.h5", _samples(3, '2d', np.random.default_rng(0)))  # complete
+    msg = rf"{tmp_path}: data set 'toy' is incomplete: .*interrupted.* Resume it with `{cmd}` \(finished shards are kept\)"
+    for folder in (tmp_path, str(tmp_path / "toy_train_*.h5")):
+        with pytest.raises(ShardError, match=msg):
+            ShardDataset(folder, split="test", modality="2d")  # even where that split's shard is there
+    assert len(ShardDataset(str(tmp_path / "other_*.h5"))) == 3  # another set of the folder reads as before
+    with pytest.raises(ShardError, match=msg):
+        bench.main(dict(preset="tiny", data_dir=str(tmp_path), samples_2d=2, samples_3d=1, reps=1, loader_views=4,
+                        device="cpu", threads=torch.get_num_threads(), seed=0))
+    (tmp_path / "w").mkdir()
+    cfg = {k: getattr(probe, k) for k in probe.config_keys}
+    with pytest.raises(ShardError, match=msg):
+        probe.main(dict(cfg, ckpt=str(tiny_world(tmp_path / "w")), data_dir=str(tmp_path), out_dir=str(tmp_path / "p")))
+    rep = prep()  # the resume
+    assert rep["complete"] and (rep["shards_skipped"], rep["shards_written"]) == (2, 2)
+    assert sorted(ShardDataset(str(tmp_path / "toy_*.h5")).id) == ["s0", "s1", "s2", "s3"]
+
+
+@pytest.mark.parametrize("script", ["bench", "probe"])
+def test_bench_and_probe_finish_an_interrupted_phantom_world(tmp_path, monkeypatch, script):
+    """A phantom world stopped one shard short: bench.py and probe.py finish it (as it was started) and read it whole."""
+    import bench
+    world = tmp_path / "world"
+    interrupted(lambda: phantom.make(world, workers=1, **SMALL_WORLD), 5)
+    assert not json.load(open(world / "phantom.json"))["complete"]
+    with pytest.raises(ShardError, match=rf"data set 'phantom' is incomplete.*`python data.py phantom --out {world}`"):
+        ShardDataset(world)
+
+    class Reached(Exception):  # the script got past its data: the rest (timings, probes) is not this test's
+        pass
+
+    def stop(*a, **k):
+        raise Reached
+    if script == "bench":
+        monkeypatch.setattr(data, "MultiCrop", stop)
+        run = lambda: bench.main(dict(preset="tiny", data_dir=str(world), samples_2d=2, samples_3d=1, reps=1,
+                                      loader_views=4, device="cpu", threads=torch.get_num_threads(), seed=0))
+    else:
+        monkeypatch.setattr(probe, "embed", stop)
+        (tmp_path / "w").mkdir()
+        cfg = {k: getattr(probe, k) for k in probe.config_keys}
+        run = lambda: probe.main(dict(cfg, ckpt=str(tiny_world(tmp_path / "w")), data_dir=str(world),
+                                      out_dir=str(tmp_path / "p"), num_workers=0))
+    with pytest.raises(Reached):
+        run()
+    assert json.load(open(world / "phantom.json"))["complete"]
+    assert sorted(ShardDataset(world).id) == sorted(r["id"] for r in phantom.records(3, SMALL_WORLD["n2d"], SMALL_WORLD["n3d"]))
+
+
+KILL_MID_WORLD = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import data, phantom
+REAL, calls = data.write_shard, [0]
+def write(*a, **k):  # SIGKILL as the 3rd shard is about to be written
+    calls[0] += 1
+    if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return REAL(*a, **k)
+data.write_shard = write
+phantom.make({world!r}, workers=1, **{kw!r})
+"""
+
+
+@pytest.mark.slow
+def test_kill9_during_world_generation_then_train_finishes_the_world_and_trains(tmp_path):
+    """The first run's phantom generation killed -9 after 2 of 6 shards (no train shard yet): train.py finishes
+    the world with the config it was started with and trains."""
+    world = tmp_path / "world"
+    script = KILL_MID_WORLD.format(repo=REPO, world=str(world), kw=SMALL_WORLD)
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert len(list(world.glob("*.h5"))) == 2 and not json.load(open(world / "phantom.json"))["complete"]
+    train.main(fast_cfg(str(world), str(tmp_path / "out"), max_iters=2, batch_3d=2))
+    assert json.load(open(world / "phantom.json"))["complete"] and len(ShardDataset(world)) == 14
+    assert [rec["step"] for rec in log_of(tmp_path / "out")] == [1, 2]
+
+
+@pytest.mark.parametrize("bad", ["runs code", "another config"])
+def test_bad_checkpoint_is_refused_in_seconds_before_any_data(tmp_path, bad):
+    """No world on disk and a checkpoint train.py refuses: it exits non-zero in seconds, with the usual message,
+    and generates nothing (the checkpoint is loaded and matched before any data is made or read)."""
+    world, out = tmp_path / "world", tmp_path / "out"
+    out.mkdir()
+    if bad == "runs code":
+        path, want = tmp_path / "evil.pt", "Weights only load failed"
+        torch.save({"model": Payload(str(tmp_path / "pwned")), "step": 0}, path)
+    else:  # init_from='resume' on another preset's checkpoint
+        path, want = "resume", "ckpt.pt (model) does not fit this model config"
+        torch.save({"model": SparseMedicalViT(ModelConfig(dim=24, depth=1, heads=2)).state_dict(), "step": 0}, out / "ckpt.pt")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "train.py", f"--data_dir={world}", f"--out_dir={out}", f"--init_from={path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0 and want in r.stderr, r.stderr[-2000:]
+    assert time.time() - t0 < 30
+    assert not world.exists() and not (tmp_path / "pwned").exists()
+
+
+def test_empty_split_or_modality_names_the_folder_the_request_and_what_it_holds(shard_dir):
+    with pytest.raises(ValueError, match=r"no samples of split 'val', modality '3d' in its 3 shards; it holds "
+                                         r"2d test: 5, 2d train: 10, 3d train: 6\. Preprocess") as e:
+        ShardDataset(shard_dir, split="val", modality="3d")
+    assert str(e.value).startswith(f"{shard_dir}: ")
+    with pytest.raises(ValueError, match=r"split 'train', modality '3d' in its 1 shards; it holds 2d test: 5\."):
+        ShardDataset(str(shard_dir / "*_test_*.h5"), split="train", modality="3d")
 
 
 # ----------------------------------------------------------------------------- model inputs: fuzz

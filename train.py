@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # -----------------------------------------------------------------------------
 # data
 data_dir = "data/phantom"     # shard folder (python data.py ...); the phantom world is generated here if empty
+                              # (and finished if its generation was interrupted)
 batch_2d = 24                 # GLOBAL 2D samples per step, all ranks (paper: 256 in stage 1, 192 in stages 2-3)
 batch_3d = 8                  # GLOBAL 3D samples per step, all ranks (paper: 0 in stage 1, 64 in stages 2-3)
 n_global = 2                  # global views per sample (paper: 2)
@@ -225,20 +226,8 @@ def main(cfg: dict):
         assert b % world == 0, f"{name}={b} must be divisible by the world size {world}"
     b2d, b3d = cfg["batch_2d"] // world, cfg["batch_3d"] // world  # this rank's share
 
-    # --- data: rank 0 generates the phantom world on first use while the other ranks wait
-    if master and not data.has_shards(cfg["data_dir"]):
-        print0(f"no shards in {cfg['data_dir']}: generating the phantom world there (python data.py phantom)")
-        import phantom
-        phantom.make(cfg["data_dir"])
-    if ddp:
-        dist.barrier()  # collective: every rank waits for the data
-    ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d") if b2d else None
-    ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d") if b3d else None
-    crop = data.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"], global_scale=cfg["global_scale"],
-                          local_scale=cfg["local_scale"], zoom=cfg["view_zoom"], brightness=cfg["view_intensity"][0],
-                          contrast=cfg["view_intensity"][1], noise=cfg["view_intensity"][2])
-
-    # --- model
+    # --- model, and the checkpoint it starts from: loaded and matched to the config BEFORE any data is made or
+    # read, so a bad checkpoint is refused in seconds, not after minutes of phantom generation
     mcfg = ModelConfig(**PRESETS[cfg["preset"]])
     encoder = SparseMedicalViT(mcfg)
     head = (Projector(mcfg.dim, cfg["proj_hidden"], cfg["proj_dim"]) if cfg["objective"] == "lejepa"
@@ -266,6 +255,17 @@ def main(cfg: dict):
         elif ckpt["config"]["objective"] == cfg["objective"]:
             load_weights(head, ckpt["head"], path, "head")
         print0(f"init from {path} (step {ckpt['step']}): {'resuming' if cfg['init_from'] == 'resume' else 'weights only, fresh optimizer'}")
+
+    # --- data: rank 0 generates the phantom world on first use (or finishes an interrupted one) while the others wait
+    if master:
+        data.ensure_phantom(cfg["data_dir"])
+    if ddp:
+        dist.barrier()  # collective: every rank waits for the data
+    ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d") if b2d else None
+    ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d") if b3d else None
+    crop = data.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"], global_scale=cfg["global_scale"],
+                          local_scale=cfg["local_scale"], zoom=cfg["view_zoom"], brightness=cfg["view_intensity"][0],
+                          contrast=cfg["view_intensity"][1], noise=cfg["view_intensity"][2])
     model = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else net
     info = run_info(device)
     print0(f"config: {json.dumps(cfg)}")
