@@ -244,12 +244,11 @@ def check_complete(path_or_glob):
     """ShardError if a data set read here (a folder: any data set in it) was interrupted while being
     preprocessed: its report.json entry says "complete": false from the start of a run until its end."""
     p = str(path_or_glob)
-    files = _find_shards(p)
-    names = [os.path.basename(f) for f in files]
-    for folder in sorted({p} if os.path.isdir(p) else {os.path.dirname(os.path.abspath(f)) for f in files}):
+    picked = [(p, None)] if os.path.isdir(p) else [os.path.split(os.path.abspath(f)) for f in _find_shards(p)]
+    for folder, name in picked:  # name None: the whole folder is read
         for prefix, rep in _read_report(folder).items():
             if isinstance(rep, dict) and rep.get('complete', True) is False and (
-                    os.path.isdir(p) or any(n.startswith(prefix + '_') for n in names)):
+                    name is None or name.startswith(prefix + '_')):
                 raise ShardError(f"{folder}: data set '{prefix}' is incomplete: its preprocessing run was interrupted "
                                  f"(report.json: \"complete\": false), so some of its shards are missing. Resume it with "
                                  f"`{rep.get('command', f'python data.py {prefix} --root R --out {folder}')}` "

@@ -1933,9 +1933,22 @@ def interrupted(run, n_shards):
         run()
 
 
+def bench_cfg(data_dir):
+    """bench.py on data_dir at its smallest; the threads of this process (bench.py sets them)."""
+    return dict(preset="tiny", data_dir=str(data_dir), samples_2d=2, samples_3d=1, reps=1, loader_views=4,
+                device="cpu", threads=torch.get_num_threads(), seed=0)
+
+
+def probe_cfg(tmp_path, data_dir):
+    """probe.py's defaults on data_dir, with tiny_world's checkpoint (made in tmp_path/w)."""
+    (tmp_path / "w").mkdir()
+    return dict({k: getattr(probe, k) for k in probe.config_keys}, ckpt=str(tiny_world(tmp_path / "w")),
+                data_dir=str(data_dir), out_dir=str(tmp_path / "p"), num_workers=0)
+
+
 def test_real_data_interrupted_mid_run_names_the_set_and_the_resume_command(tmp_path):
-    """A preprocessing run stopped after 2 of its 4 shards: every reader (ShardDataset, bench.py, probe.py) names
-    the data set and the command that resumes it; re-running that command keeps the 2 finished shards."""
+    """A preprocessing run stopped after 2 of its 4 shards: every reader (ShardDataset, train.py, bench.py,
+    probe.py) names the data set and the command that resumes it; re-running it keeps the 2 finished shards."""
     import bench
     recs = [_rec(0, 'xray', split='test'), _rec(1, 'xray'), _rec(2, 'xray'), _rec(3, 'ct')]
     cmd = f"python data.py toy --root /raw --out {tmp_path}"
@@ -1946,15 +1959,14 @@ def test_real_data_interrupted_mid_run_names_the_set_and_the_resume_command(tmp_
     msg = rf"{tmp_path}: data set 'toy' is incomplete: .*interrupted.* Resume it with `{cmd}` \(finished shards are kept\)"
     for folder in (tmp_path, str(tmp_path / "toy_train_*.h5")):
         with pytest.raises(ShardError, match=msg):
-            ShardDataset(folder, split="test", modality="2d")  # even where that split's shard is there
+            ShardDataset(folder, split="test", modality="2d")  # the set, not only the shards asked for
     assert len(ShardDataset(str(tmp_path / "other_*.h5"))) == 3  # another set of the folder reads as before
     with pytest.raises(ShardError, match=msg):
-        bench.main(dict(preset="tiny", data_dir=str(tmp_path), samples_2d=2, samples_3d=1, reps=1, loader_views=4,
-                        device="cpu", threads=torch.get_num_threads(), seed=0))
-    (tmp_path / "w").mkdir()
-    cfg = {k: getattr(probe, k) for k in probe.config_keys}
+        train.main(fast_cfg(str(tmp_path), str(tmp_path / "out")))
     with pytest.raises(ShardError, match=msg):
-        probe.main(dict(cfg, ckpt=str(tiny_world(tmp_path / "w")), data_dir=str(tmp_path), out_dir=str(tmp_path / "p")))
+        bench.main(bench_cfg(tmp_path))
+    with pytest.raises(ShardError, match=msg):
+        probe.main(probe_cfg(tmp_path, tmp_path))
     rep = prep()  # the resume
     assert rep["complete"] and (rep["shards_skipped"], rep["shards_written"]) == (2, 2)
     assert sorted(ShardDataset(str(tmp_path / "toy_*.h5")).id) == ["s0", "s1", "s2", "s3"]
@@ -1977,14 +1989,10 @@ def test_bench_and_probe_finish_an_interrupted_phantom_world(tmp_path, monkeypat
         raise Reached
     if script == "bench":
         monkeypatch.setattr(data, "MultiCrop", stop)
-        run = lambda: bench.main(dict(preset="tiny", data_dir=str(world), samples_2d=2, samples_3d=1, reps=1,
-                                      loader_views=4, device="cpu", threads=torch.get_num_threads(), seed=0))
+        run = lambda: bench.main(bench_cfg(world))
     else:
         monkeypatch.setattr(probe, "embed", stop)
-        (tmp_path / "w").mkdir()
-        cfg = {k: getattr(probe, k) for k in probe.config_keys}
-        run = lambda: probe.main(dict(cfg, ckpt=str(tiny_world(tmp_path / "w")), data_dir=str(world),
-                                      out_dir=str(tmp_path / "p"), num_workers=0))
+        run = lambda: probe.main(probe_cfg(tmp_path, world))
     with pytest.raises(Reached):
         run()
     assert json.load(open(world / "phantom.json"))["complete"]
