@@ -19,6 +19,7 @@ which equals zero-padding and projecting (tested) at 1/P of the cost.
 """
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,13 @@ class Packed:
     def num_tokens(self) -> int:
         return self.coords.shape[0]
 
+    def __reduce__(self):
+        """Pickled (from a DataLoader worker) as 4 tensors, not 9: every tensor handed to another process
+        costs ~0.5 ms there (a file descriptor passed over a socket), so the integer metadata travels as one."""
+        ints = [self.idx2d, self.idx3d, self.view_ids, self.cu_seqlens.long(), *self.groups[:2]]
+        return _unflatten, (self.patches2d, self.patches3d, self.coords, torch.cat(ints), [t.numel() for t in ints],
+                            self.seqlens, self.max_seqlen, self.grids, self.groups[2])
+
     def _map(self, fn, patches=None):
         """A Packed with fn applied to every tensor (patches through `patches` if given); host metadata shared."""
         perm, inv, shapes = self.groups
@@ -80,13 +88,22 @@ class Packed:
         return self._map(lambda t: t.pin_memory())
 
     def slice(self, a: int, b: int) -> "Packed":
-        """Views a..b-1 as a Packed of their own: row views of the patches and coords (no copy), the small
-        metadata rebuilt. train.py uses it when a rank must cut its micro-batches finer than its loader did."""
-        lo, hi = int(self.cu_seqlens[a]), int(self.cu_seqlens[b])
-        r2, r3 = (torch.searchsorted(i, torch.tensor([lo, hi], device=i.device)).tolist() for i in (self.idx2d, self.idx3d))
+        """Views a..b-1 as a Packed of their own, on the host: row views of the patches and coords (no copy),
+        the small metadata derived from this one's (its length order too). train.py cuts micro-batches so."""
+        lo, hi = sum(self.seqlens[:a]), sum(self.seqlens[:b])
+        r2, r3 = (torch.searchsorted(i, torch.tensor([lo, hi])).tolist() for i in (self.idx2d, self.idx3d))
+        perm = self.groups[0]
+        perm = perm[(perm >= lo) & (perm < hi)] - lo  # still ordered by view length
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
         return Packed(self.patches2d[r2[0]:r2[1]], self.patches3d[r3[0]:r3[1]], self.idx2d[r2[0]:r2[1]] - lo,
                       self.idx3d[r3[0]:r3[1]] - lo, self.coords[lo:hi], *_view_meta(self.seqlens[a:b]),
-                      self.grids[a:b], length_groups(self.seqlens[a:b]))
+                      self.grids[a:b], (perm, inv, sorted(Counter(self.seqlens[a:b]).items())))
+
+
+def _unflatten(p2, p3, coords, ints, sizes, seqlens, max_seqlen, grids, shapes) -> Packed:
+    idx2d, idx3d, view_ids, cu, perm, inv = ints.split(sizes)  # views of the one int64 tensor
+    return Packed(p2, p3, idx2d, idx3d, coords, cu.int(), view_ids, seqlens, max_seqlen, grids, (perm, inv, shapes))
 
 
 def grid_of(shape, patch: int) -> tuple:

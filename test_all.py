@@ -807,11 +807,10 @@ def test_view_zoom_resamples_a_region_by_a_per_view_factor():
 
 def sample_views(batch, i):
     """Sample i of a loader batch: (its views as a Packed of float patches after augment(), its aug rows)."""
-    for mb in batch['micro']:
-        (a, b), pk = mb['samples'], mb['packed']
+    for pk, aug, (a, b) in data.micro_batches(batch):
         if a <= i < b:
             V = pk.num_views // (b - a)
-            return data.augment(pk, mb['aug']).slice((i - a) * V, (i - a + 1) * V), mb['aug'][(i - a) * V:(i - a + 1) * V]
+            return data.augment(pk, aug).slice((i - a) * V, (i - a + 1) * V), aug[(i - a) * V:(i - a + 1) * V]
 
 
 def same_views(x, y):
@@ -820,8 +819,8 @@ def same_views(x, y):
 
 
 def _batch_key(b):
-    return (b['step'], tuple(b['id']), tuple((mb['samples'], int(mb['packed'].patches2d.sum()), int(mb['packed'].patches3d.sum()),
-                                               float(mb['aug'].sum())) for mb in b['micro']))
+    return (b['step'], tuple(b['id']), tuple(map(tuple, b['micro'])), int(b['packed'].patches2d.sum()),
+            int(b['packed'].patches3d.sum()), float(b['aug'].sum()), tuple(b['packed'].seqlens))
 
 
 def test_rank_shares_are_disjoint_and_world_size_invariant(shard_dir):
@@ -853,10 +852,10 @@ def test_stream_batch_format_determinism_and_resume(shard_dir):
     crop = MultiCrop()
     run = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, stop_step=5, token_budget=100))
     b = run[0]
-    assert set(b) == {'micro', 'labels', 'modality', 'id', 'step', 'skipped'} and b['step'] == 0 and b['skipped'] == []
-    assert [mb['samples'] for mb in b['micro']][0][0] == 0 and b['micro'][-1]['samples'][1] == 6
-    assert all(x['samples'][1] == y['samples'][0] for x, y in zip(b['micro'], b['micro'][1:]))
-    assert sum(mb['packed'].num_views for mb in b['micro']) == 60 and b['micro'][0]['packed'].patches2d.dtype == torch.int8
+    assert set(b) == {'packed', 'aug', 'views_per_sample', 'micro', 'labels', 'modality', 'id', 'step', 'skipped'}
+    assert b['step'] == 0 and b['skipped'] == [] and b['views_per_sample'] == 10 and len(b['micro']) > 1
+    assert b['micro'][0][0] == 0 and b['micro'][-1][1] == 6 and all(x[1] == y[0] for x, y in zip(b['micro'], b['micro'][1:]))
+    assert b['packed'].num_views == 60 and b['packed'].patches2d.dtype == torch.int8 and b['aug'].shape == (60, 4)
     assert b['modality'] == ['2d'] * 4 + ['3d'] * 2
     assert sample_views(b, 0)[0].patches3d.shape[0] == 0 and sample_views(b, 5)[0].patches2d.shape[0] == 0
     assert b['labels'].shape == (6, 5) and b['labels'].dtype == torch.float32 and b['labels'].isnan().any()
@@ -895,22 +894,38 @@ def test_loader_views_and_packing_match_a_reference(shard_dir):
             np.testing.assert_allclose(x.numpy(), want, rtol=0, atol=1e-6)
         toks.append(ref.num_tokens)
     n = math.ceil(sum(toks) / budget)
-    assert n > 1 and [tuple(mb['samples']) for mb in b['micro']] == list(zip(data.split_micro(toks, n), data.split_micro(toks, n)[1:]))
+    assert n > 1 and [tuple(c) for c in b['micro']] == list(zip(data.split_micro(toks, n), data.split_micro(toks, n)[1:]))
 
 
-def test_resplit_cuts_finer_without_changing_a_sample(shard_dir):
+def test_micro_batches_cut_finer_without_changing_a_sample(shard_dir):
     """A rank whose loader cut fewer micro-batches than another rank's cuts them finer in train.py; every
-    sample keeps its views, and the cuts still cover the batch in order."""
+    sample keeps its views, the cuts still cover the batch in order, and each slice is a valid Packed
+    (its length groups as pack_views would make them)."""
     ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
     b = next(iter(data.make_loader(ds2, ds3, 4, 2, seed=2, crop=MultiCrop(n_global=2, n_local=2))))
     for n in (1, 2, 4, 6):
-        micro = data.resplit(b['micro'], n)
-        assert len(micro) == n and [mb['samples'] for mb in micro][0][0] == 0 and micro[-1]['samples'][1] == 6
-        assert all(x['samples'][1] == y['samples'][0] for x, y in zip(micro, micro[1:]))
-        cut = dict(b, micro=micro)
+        micro = data.micro_batches(b, n)
+        cuts = [c for _, _, c in micro]
+        assert len(micro) == n and cuts[0][0] == 0 and cuts[-1][1] == 6 and all(x[1] == y[0] for x, y in zip(cuts, cuts[1:]))
+        for pk, aug, (a, c) in micro:
+            ref = pack.pack_views([v.float() for v in per_view_images(pk)])
+            assert [t.tolist() for t in pk.groups[:2]] == [t.tolist() for t in ref.groups[:2]] and pk.groups[2] == ref.groups[2]
+            assert torch.equal(pk.cu_seqlens, ref.cu_seqlens) and torch.equal(pk.view_ids, ref.view_ids)
         for i in range(6):
-            (x, ax), (y, ay) = sample_views(cut, i), sample_views(b, i)
+            (x, ax), (y, ay) = sample_views(dict(b, micro=cuts), i), sample_views(b, i)
             assert same_views(x, y) and torch.equal(ax, ay)
+
+
+def per_view_images(pk):
+    """The views of a Packed back as images (C=1), from their patch rows (the inverse of packing)."""
+    out = []
+    for rows, (gz, gh, gw) in zip(per_view(pk), pk.grids):
+        P = 14
+        if rows.shape[1] == P * P:
+            out.append(rows.reshape(gh, gw, P, P).permute(0, 2, 1, 3).reshape(1, gh * P, gw * P))
+        else:
+            out.append(rows.reshape(gz, gh, gw, P, P, P).permute(0, 3, 1, 4, 2, 5).reshape(1, gz * P, gh * P, gw * P))
+    return out
 
 
 def test_iterate_whole(shard_dir):

@@ -299,15 +299,14 @@ def main(cfg: dict):
         n_micro = torch.tensor(len(batch["micro"]))
         if ddp:  # collective: every rank must run the same number of micro-batches (SIGReg all-reduces)
             dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
-        micro = data.resplit(batch["micro"], int(n_micro))  # as the loader cut them, unless another rank needs more
+        micro = data.micro_batches(batch, int(n_micro))  # views of the batch; cut finer if another rank needs more
         lr = get_lr(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         terms = torch.zeros(3, device=device)
-        for m, mb in enumerate(micro):
-            a, b = mb["samples"]
-            packed = mb["packed"].to(device, non_blocking=True)  # int8 patches; floats and augmentation on the device
-            packed = data.augment(packed, mb["aug"].to(device, non_blocking=True))
+        for m, (packed, aug, (a, b)) in enumerate(micro):
+            packed = packed.to(device, non_blocking=True)  # int8 patches; floats and augmentation on the device
+            packed = data.augment(packed, aug.to(device, non_blocking=True))
             sync = m == len(micro) - 1  # average gradients across ranks only on the last micro-batch
             with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
                 emb, out = model(packed)
