@@ -570,25 +570,25 @@ def augment(packed: Packed, aug: torch.Tensor) -> Packed:
     float x) -> float32 clip(c x + (1 - c) mean_v(x) + b + sd * noise, -1, 1), (c, b, sd, row) = aug[v].
     A view's noise is its tokens' rows of the fixed table seen as (rows, voxels of a patch), from `row`
     on (wrapping), in patch order: i.i.d. normals, unrelated between views, one gather per batch;
-    drawing fresh normals cost 14 ms per 3D view on a CPU."""
-    dev, N = packed.coords.device, packed.num_views
-    c, b, sd, row = aug.to(dev, torch.float64).unbind(1)  # (N,) each
+    drawing fresh normals cost 14 ms per 3D view on a CPU. Pass aug on the host: it is checked there."""
+    dev, N, noisy = packed.coords.device, packed.num_views, bool((aug[:, 2] > 0).any())
+    c, b, sd, row = aug.to(dev, torch.float64, non_blocking=True).unbind(1)  # (N,) each
     pos = torch.arange(packed.num_tokens, device=dev) - packed.cu_seqlens[:-1].long()[packed.view_ids]  # (S,) in its view
-    sums, count, parts = torch.zeros(N, dtype=torch.float64, device=dev), torch.zeros(N, dtype=torch.float64, device=dev), []
+    sums, count = torch.zeros(N, dtype=torch.float64, device=dev), torch.zeros(N, dtype=torch.float64, device=dev)
     for p, idx in ((packed.patches2d, packed.idx2d), (packed.patches3d, packed.idx3d)):
-        x = p.float() / Q if p.dtype == torch.int8 else p.float()  # (S_d, K)
-        vid = packed.view_ids[idx]
-        sums.index_add_(0, vid, x.sum(1, dtype=torch.float64))
-        count.index_add_(0, vid, torch.full_like(vid, x.shape[1], dtype=torch.float64))
-        parts.append((x, idx, vid))
+        q = p.dtype == torch.int8  # int8 sums are exact (so equal on every device), float ones nearly so
+        sums.index_add_(0, packed.view_ids[idx], p.sum(1, dtype=torch.int32 if q else torch.float32).double() / (Q if q else 1))
+        count.index_add_(0, packed.view_ids[idx], torch.full_like(idx, p.shape[1], dtype=torch.float64))
     shift = ((sums / count.clamp(min=1)) * (1 - c) + b).float()  # contrast about the view's mean, then brightness
     c, sd, out = c.float(), sd.float(), []
-    for x, idx, vid in parts:
-        K = x.shape[1]
-        table = noise_table(dev)[:NOISE_SIZE // K * K].view(-1, K)  # (rows, K)
-        y = x * c[vid, None] + shift[vid, None]
-        y += sd[vid, None] * table[(row.long()[vid] + pos[idx]) % table.shape[0]]
-        out.append(y.clamp_(-1.0, 1.0))
+    for p, idx in ((packed.patches2d, packed.idx2d), (packed.patches3d, packed.idx3d)):
+        vid, K = packed.view_ids[idx], p.shape[1]
+        x = p.float().div_(Q) if p.dtype == torch.int8 else p.float().clone()  # (S_d, K), in place from here
+        x.mul_(c[vid, None]).add_(shift[vid, None])
+        if noisy:
+            table = noise_table(dev)[:NOISE_SIZE // K * K].view(-1, K)  # (rows, K)
+            x.add_(table[(row.long()[vid] + pos[idx]) % table.shape[0]].mul_(sd[vid, None]))
+        out.append(x.clamp_(-1.0, 1.0))
     return dataclasses.replace(packed, patches2d=out[0], patches3d=out[1])
 
 

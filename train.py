@@ -306,7 +306,7 @@ def main(cfg: dict):
         terms = torch.zeros(3, device=device)
         for m, (packed, aug, (a, b)) in enumerate(micro):
             packed = packed.to(device, non_blocking=True)  # int8 patches; floats and augmentation on the device
-            packed = data.augment(packed, aug.to(device, non_blocking=True))
+            packed = data.augment(packed, aug)
             sync = m == len(micro) - 1  # average gradients across ranks only on the last micro-batch
             with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
                 emb, out = model(packed)
