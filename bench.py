@@ -115,8 +115,9 @@ def packed_bytes(p) -> int:
 def host(cfg, dev, sync) -> dict:
     """5. The host side at the paper's per-rank share (2 GPUs: 96 2D + 32 3D samples, 10 views each) on
     synthetic int8 images at paper sizes in real shards: one DataLoader worker building steps back to back
-    (host_worker_ms), then, with the next batch ready, the training process receiving it and moving it to
-    the device (host_main_ms), and augment() there (device_prep_ms; on a CPU the CPU stands in)."""
+    (host_worker_ms), then, with the next batch ready, the training process receiving it (host_receive_ms:
+    unpickling, and freeing the previous batch), cutting its micro-batches and moving them to the device
+    (host_main_ms), and augment() there (host_device_prep_ms; on a CPU the CPU stands in)."""
     import tempfile
     rng = np.random.default_rng(0)
     out = {}
@@ -140,15 +141,17 @@ def host(cfg, dev, sync) -> dict:
             c = time.thread_time()
             loader.dataset[100 + s]
             cpu_w.append(time.thread_time() - c)
-        main, cpu, prep, nbytes, b = [], [], [], [], None
+        recv, main, cpu, prep, nbytes, b = [], [], [], [], [], None
         for _ in range(cfg["reps"]):
             time.sleep(2.5 * worker)  # the next batch is ready, as in a loop that keeps up
-            t, c = time.perf_counter(), time.thread_time()
+            t0, c0 = time.perf_counter(), time.thread_time()
             b = next(it)  # as train.py: the previous batch goes here
+            t1, c1 = time.perf_counter(), time.thread_time()
             micro = [(pk.to(dev, non_blocking=True), aug)  # augment() moves aug (checked on the host)
                      for pk, aug, _ in data.micro_batches(b, len(b["micro"]))]
-            main.append(time.perf_counter() - t)
-            cpu.append(time.thread_time() - c)
+            recv.append((t1 - t0, c1 - c0))
+            main.append(time.perf_counter() - t1)
+            cpu.append(time.thread_time() - c1)
             t = time.perf_counter()
             for pk, aug in micro:
                 data.augment(pk, aug)
@@ -157,6 +160,8 @@ def host(cfg, dev, sync) -> dict:
             nbytes.append(sum(packed_bytes(pk) + aug.nbytes for pk, aug in micro))
         tokens = sum(pk.num_tokens for pk, _ in micro)
     out.update(host_main_ms=1e3 * statistics.median(main), host_main_cpu_ms=1e3 * statistics.median(cpu),
+               host_receive_ms=1e3 * statistics.median(r[0] for r in recv),
+               host_receive_cpu_ms=1e3 * statistics.median(r[1] for r in recv),
                host_worker_ms=1e3 * worker, host_worker_cpu_ms=1e3 * statistics.median(cpu_w),
                host_bytes=statistics.median(nbytes), host_device_prep_ms=1e3 * statistics.median(prep),
                host_gpu_step_ms=cfg["gpu_step_ms"], host_micro_batches=len(micro), host_tokens=tokens,
@@ -165,6 +170,8 @@ def host(cfg, dev, sync) -> dict:
           f"samples x 10 views, {tokens} tokens, {len(micro)} micro-batches (median of {cfg['reps']})")
     print(f"   training process, batch received -> on the device: {out['host_main_ms']:.1f} ms "
           f"({out['host_main_cpu_ms']:.1f} ms of its own CPU time; target <= 10); {out['host_bytes'] / 2 ** 20:.0f} MiB moved")
+    print(f"   before that, receiving it from the worker: {out['host_receive_ms']:.1f} ms ({out['host_receive_cpu_ms']:.1f} ms "
+          f"CPU; with pin_memory, on CUDA, the DataLoader's pinning thread does this)")
     print(f"   one worker, one step's batch: {out['host_worker_ms']:.0f} ms ({out['host_worker_cpu_ms']:.0f} ms of CPU "
           f"time; target <= 250): "
           f"{out['host_workers_per_gpu']} workers per GPU keep up with a {cfg['gpu_step_ms']} ms GPU step")

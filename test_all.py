@@ -424,6 +424,25 @@ def test_split_micro_keeps_samples_whole_and_balanced():
         assert len(b) == n + 1 and b[0] == 0 and b[-1] == len(toks) and all(x < y for x, y in zip(b, b[1:]))
 
 
+def test_threads_per_rank_fit_the_cores(monkeypatch, capsys):
+    """ranks x threads beyond the cores: without OMP_NUM_THREADS each rank takes cores // ranks threads;
+    with it, a warning that names the value to set; within the cores, nothing happens."""
+    before, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(cores)
+        train.cpu_threads(2 * cores, print)
+        assert torch.get_num_threads() == 1 and "1 torch thread(s) per rank" in capsys.readouterr().out
+        monkeypatch.setenv("OMP_NUM_THREADS", str(cores))
+        torch.set_num_threads(cores)
+        train.cpu_threads(2, print)
+        assert torch.get_num_threads() == cores and f"set OMP_NUM_THREADS={max(1, cores // 2)}" in capsys.readouterr().out
+        train.cpu_threads(1, print)
+        assert capsys.readouterr().out == ""
+    finally:
+        torch.set_num_threads(before)
+
+
 def params_of(net):
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
