@@ -9,12 +9,14 @@ Data: preprocessing into HDF5 shards, the shard reader, multi-crop views and the
                                         their per-view intensity augmentation (2.2, 2.4)
     augment(packed, aug)                that augmentation, on the packed int8 views, on the device
     make_loader(ds2d, ds3d, b2d, b3d, rank, world_size, seed, start_step, crop, workers, token_budget)
-                                        mixed stream (2.3): packed micro-batches, built in the workers
+                                        mixed stream (2.3): packed steps, built in the workers
+    micro_batches(batch, n)             a step's micro-batches, as views (cut finer to n if asked)
     iterate_whole(ds, token_budget)     one pass over a split, whole images, packed, for the linear probe
 
-Where the work runs: a DataLoader worker reads int8 samples, cuts the crops, splits the batch into
-micro-batches and packs each (pack.pack_arrays: one copy of the int8 voxels into shared memory); the
-training process only moves them to the device (pinned, non_blocking), where augment() makes floats.
+Where the work runs: a DataLoader worker reads int8 samples, cuts the crops, chooses the micro-batch
+cuts under token_budget and packs the step (pack.pack_arrays: one copy of the int8 voxels, into shared
+memory); the training process only slices it into micro-batches (views, micro_batches) and moves them
+to the device (pinned, non_blocking), where augment() makes floats of them.
 
 Shard layout (one HDF5 file per shard, FORMAT_VERSION 1; every sample of a shard shares split+modality):
     attrs    format_version, labels (LABELS), command (how to rebuild), records_sha, long_side, failures (json)
