@@ -14,10 +14,15 @@ goes, on the current device, in one run. Medians over repetitions after warm-up.
    embedding, attention, MLP, SIGReg and the optimizer.
 3. loader: views per second per DataLoader worker, 2D and 3D, from shards through the real sampler.
 4. CUDA only: achieved model TFLOP/s for 'small' and 'base' in bf16 next to a large bf16 matmul.
+5. host: at the paper's per-rank share, the training process's time per step from receiving a batch to
+   handing it to the device (host_main_ms), one worker's time per batch (host_worker_ms), the bytes
+   moved to the device (host_bytes) and the workers per GPU that keep up with a gpu_step_ms step.
 The last line printed is one JSON object with every figure.
 """
 
 import json
+import math
+import os
 import statistics
 import sys
 import time
@@ -29,7 +34,6 @@ import torch.nn.functional as F
 import data
 from lejepa import Projector, lejepa_loss
 from model import ModelConfig, SparseMedicalViT, PRESETS
-from pack import pack_views
 from rope3d import apply_rope_cs, rope_cos_sin
 from train import configure
 
@@ -43,6 +47,9 @@ loader_views = 400         # views drawn per loader measurement
 device = "auto"            # 'auto' | 'cpu' | 'cuda'
 threads = 2                # torch CPU threads
 seed = 0
+host_2d, host_3d = 96, 32  # part 5: one rank's share of the paper's step on 2 GPUs (192 2D + 64 3D samples)
+host_token_budget = 32768  # part 5: tokens per micro-batch
+gpu_step_ms = 40.0         # part 5: the GPU step the workers must keep up with (ViT-S, 83k tokens, H100 at 40% MFU)
 # -----------------------------------------------------------------------------
 
 
@@ -93,12 +100,84 @@ def median_time(fn, reps: int, sync) -> float:
     return statistics.median(ts)
 
 
-def reference_batch(ds2d, ds3d, n2d, n3d, crop, seed):
-    """Views of a realistic mixed batch, view-major (global views first), from the real sampler."""
-    rng = np.random.default_rng(seed)
-    per_sample = [crop(ds2d[i]["image"], rng) for i in range(n2d)] + [crop(ds3d[i]["image"], rng) for i in range(n3d)]
-    V = len(per_sample[0])
-    return [torch.from_numpy(np.ascontiguousarray(per_sample[i][v])) for v in range(V) for i in range(len(per_sample))], V
+def reference_batch(ds2d, ds3d, n2d, n3d, crop, seed, dev):
+    """A realistic mixed batch from the real loader as one packed micro-batch on dev, augmented there;
+    views sample-major, so embeddings reshape to (B, V, ...). Returns (packed, V)."""
+    b = next(iter(data.make_loader(ds2d, ds3d, n2d, n3d, seed=seed, crop=crop, stop_step=1)))
+    return data.augment(b["packed"].to(dev), b["aug"]), b["views_per_sample"]
+
+
+def packed_bytes(p) -> int:
+    """Bytes of a Packed's tensors: what .to(device) moves."""
+    return sum(t.nbytes for t in [*vars(p).values(), *p.groups[:2]] if isinstance(t, torch.Tensor))
+
+
+def host(cfg, dev, sync) -> dict:
+    """5. The host side at the paper's per-rank share (2 GPUs: 96 2D + 32 3D samples, 10 views each) on
+    synthetic int8 images at paper sizes in real shards: one DataLoader worker building steps back to back
+    (host_worker_ms), then, with the next batch ready, the training process receiving it (host_receive_ms:
+    unpickling, and freeing the previous batch), cutting its micro-batches and moving them to the device
+    (host_main_ms), and augment() there (host_device_prep_ms; on a CPU the CPU stands in)."""
+    import tempfile
+    rng = np.random.default_rng(0)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mod, n, shape in (("2d", cfg["host_2d"], (1, 224, 182)), ("3d", cfg["host_3d"], (1, 84, 112, 98))):
+            data.write_shard(f"{tmp}/synthetic_train_{mod}_00000.h5", [dict(
+                image=rng.integers(-127, 128, shape, dtype=np.int8), labels=np.zeros(5, np.float32), id=f"{mod}{i}",
+                patient_id=f"{mod}{i}", study_id=f"{mod}{i}", modality=mod, split="train") for i in range(n)])
+        ds2d, ds3d = (data.ShardDataset(tmp, modality=m) for m in ("2d", "3d"))
+        loader = data.make_loader(ds2d, ds3d, cfg["host_2d"], cfg["host_3d"], crop=data.MultiCrop(), workers=1,
+                                  token_budget=cfg["host_token_budget"], pin_memory=dev.type == "cuda")
+        it = iter(loader)
+        next(it)  # warm-up: the worker starts
+        arrivals = []
+        for _ in range(cfg["reps"] + 2):  # the training process takes batches as fast as the worker builds them
+            next(it)
+            arrivals.append(time.perf_counter())
+        worker = statistics.median(np.diff(arrivals[1:]))
+        cpu_w = []  # the same work in this process, its CPU time: robust to other load on the machine
+        for s in range(cfg["reps"]):
+            c = time.thread_time()
+            loader.dataset[100 + s]
+            cpu_w.append(time.thread_time() - c)
+        recv, main, cpu, prep, nbytes, b = [], [], [], [], [], None
+        for _ in range(cfg["reps"]):
+            time.sleep(2.5 * worker)  # the next batch is ready, as in a loop that keeps up
+            t0, c0 = time.perf_counter(), time.thread_time()
+            b = next(it)  # as train.py: the previous batch goes here
+            t1, c1 = time.perf_counter(), time.thread_time()
+            micro = [(pk.to(dev, non_blocking=True), aug)  # augment() moves aug (checked on the host)
+                     for pk, aug, _ in data.micro_batches(b, len(b["micro"]))]
+            recv.append((t1 - t0, c1 - c0))
+            main.append(time.perf_counter() - t1)
+            cpu.append(time.thread_time() - c1)
+            t = time.perf_counter()
+            for pk, aug in micro:
+                data.augment(pk, aug)
+            sync()
+            prep.append(time.perf_counter() - t)
+            nbytes.append(sum(packed_bytes(pk) + aug.nbytes for pk, aug in micro))
+        tokens = sum(pk.num_tokens for pk, _ in micro)
+    out.update(host_main_ms=1e3 * statistics.median(main), host_main_cpu_ms=1e3 * statistics.median(cpu),
+               host_receive_ms=1e3 * statistics.median(r[0] for r in recv),
+               host_receive_cpu_ms=1e3 * statistics.median(r[1] for r in recv),
+               host_worker_ms=1e3 * worker, host_worker_cpu_ms=1e3 * statistics.median(cpu_w),
+               host_bytes=statistics.median(nbytes), host_device_prep_ms=1e3 * statistics.median(prep),
+               host_gpu_step_ms=cfg["gpu_step_ms"], host_micro_batches=len(micro), host_tokens=tokens,
+               host_workers_per_gpu=math.ceil(1e3 * worker / cfg["gpu_step_ms"]), load_avg=os.getloadavg()[0])
+    print(f"\n5. host at the paper's per-rank share: {cfg['host_2d']} 2D (224x182) + {cfg['host_3d']} 3D (84x112x98) "
+          f"samples x 10 views, {tokens} tokens, {len(micro)} micro-batches (median of {cfg['reps']})")
+    print(f"   training process, batch received -> on the device: {out['host_main_ms']:.1f} ms "
+          f"({out['host_main_cpu_ms']:.1f} ms of its own CPU time; target <= 10); {out['host_bytes'] / 2 ** 20:.0f} MiB moved")
+    print(f"   before that, receiving it from the worker: {out['host_receive_ms']:.1f} ms ({out['host_receive_cpu_ms']:.1f} ms "
+          f"CPU; with pin_memory, on CUDA, the DataLoader's pinning thread does this)")
+    print(f"   one worker, one step's batch: {out['host_worker_ms']:.0f} ms ({out['host_worker_cpu_ms']:.0f} ms of CPU "
+          f"time; target <= 250): "
+          f"{out['host_workers_per_gpu']} workers per GPU keep up with a {cfg['gpu_step_ms']} ms GPU step")
+    print(f"   augment() on {dev.type}: {out['host_device_prep_ms']:.0f} ms; load average {out['load_avg']:.1f} "
+          f"(others' work on the machine inflates wall times)")
+    return out
 
 
 def main(cfg):
@@ -119,17 +198,16 @@ def main(cfg):
     enc, proj = SparseMedicalViT(mcfg).to(dev), Projector(mcfg.dim, 1024, 128).to(dev)
     params = list(enc.parameters()) + list(proj.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
-    views, V = reference_batch(ds2d, ds3d, cfg["samples_2d"], cfg["samples_3d"], crop, cfg["seed"])
-    packed = pack_views(views, mcfg.patch).to(dev)
+    packed, V = reference_batch(ds2d, ds3d, cfg["samples_2d"], cfg["samples_3d"], crop, cfg["seed"], dev)
     B = cfg["samples_2d"] + cfg["samples_3d"]
     print(f"{enc.describe(dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)}")
-    print(f"reference batch: {cfg['samples_2d']} 2D + {cfg['samples_3d']} 3D samples x {V} views = {len(views)} views, "
+    print(f"reference batch: {cfg['samples_2d']} 2D + {cfg['samples_3d']} 3D samples x {V} views = {packed.num_views} views, "
           f"{packed.num_tokens} tokens, views of {min(packed.seqlens)}-{packed.max_seqlen} tokens")
 
     def step(forward):
         def run():
             with amp:
-                z = proj(forward(enc, packed)).float().view(V, B, -1)
+                z = proj(forward(enc, packed)).float().view(B, V, -1).transpose(0, 1)  # (V, B, K)
                 loss, _, _ = lejepa_loss(z, n_global=2, lam=0.025, num_slices=1024, step=0)
             loss.backward()
             opt.step()
@@ -155,13 +233,12 @@ def main(cfg):
     print("\n2. scaling")
     out["scaling"] = []
     for mult in (1, 2, 4):
-        vs, _ = reference_batch(ds2d, ds3d, cfg["samples_2d"] * mult, cfg["samples_3d"] * mult, crop, cfg["seed"] + mult)
-        pk = pack_views(vs, mcfg.patch).to(dev)
+        pk, _ = reference_batch(ds2d, ds3d, cfg["samples_2d"] * mult, cfg["samples_3d"] * mult, crop, cfg["seed"] + mult, dev)
         Bm = B * mult
 
         def run(pk=pk, Bm=Bm):
             with amp:
-                z = proj(enc(pk)).float().view(V, Bm, -1)
+                z = proj(enc(pk)).float().view(Bm, V, -1).transpose(0, 1)
                 loss, _, _ = lejepa_loss(z, n_global=2, lam=0.025, num_slices=1024, step=0)
             loss.backward()
             opt.step()
@@ -186,10 +263,10 @@ def main(cfg):
         loader = data.make_loader(ds2d if b2 else None, ds3d if b3 else None, b2, b3, crop=crop, workers=0, seed=1)
         it, n, t = iter(loader), 0, time.perf_counter()
         while n < cfg["loader_views"]:
-            n += sum(len(v) for v in next(it)["views"])
+            n += next(it)["packed"].num_views
         out[f"loader_views_s_{name}"] = n / (time.perf_counter() - t)
         print(f"   {name}: {out[f'loader_views_s_{name}']:8.0f} views/s per worker")
-    views_per_step = len(views)
+    views_per_step = packed.num_views
     per_view = (cfg["samples_2d"] / out["loader_views_s_2d"] + cfg["samples_3d"] / out["loader_views_s_3d"]) * V / views_per_step
     out["workers_needed"] = views_per_step / t_packed * per_view
     print(f"   workers needed to feed the measured packed step: {out['workers_needed']:.2f}")
@@ -197,6 +274,7 @@ def main(cfg):
     # 4. CUDA: model FLOP/s against the device's own matmul FLOP/s
     if dev.type == "cuda":
         out["cuda"] = cuda_utilisation(ds2d, ds3d, crop, cfg, sync)
+    out.update(host(cfg, dev, sync))
     print(json.dumps(out))
     return out
 
@@ -244,8 +322,7 @@ def cuda_utilisation(ds2d, ds3d, crop, cfg, sync) -> dict:
         mcfg = ModelConfig(**PRESETS[name])
         enc, proj = SparseMedicalViT(mcfg).cuda(), Projector(mcfg.dim, 1024, 128).cuda()
         opt = torch.optim.AdamW(list(enc.parameters()) + list(proj.parameters()), lr=1e-4, fused=True)
-        views, V = reference_batch(ds2d, ds3d, 48, 16, crop, cfg["seed"])
-        packed = pack_views(views, mcfg.patch).to("cuda")
+        packed, V = reference_batch(ds2d, ds3d, 48, 16, crop, cfg["seed"], torch.device("cuda"))
         flops = step_flops(mcfg, packed.seqlens, sum(p.numel() for p in proj.parameters()))
         for path in paths:
             saved = pack.flash_attn_varlen_func
@@ -254,7 +331,7 @@ def cuda_utilisation(ds2d, ds3d, crop, cfg, sync) -> dict:
 
             def run():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    z = proj(enc(packed)).float().view(V, 64, -1)
+                    z = proj(enc(packed)).float().view(64, V, -1).transpose(0, 1)
                     loss, _, _ = lejepa_loss(z, 2, 0.025, 1024, 0)
                 loss.backward()
                 opt.step()
@@ -270,5 +347,6 @@ def cuda_utilisation(ds2d, ds3d, crop, cfg, sync) -> dict:
 
 if __name__ == "__main__":
     defaults = {k: v for k, v in globals().items() if k in
-                ("preset", "data_dir", "samples_2d", "samples_3d", "reps", "loader_views", "device", "threads", "seed")}
+                ("preset", "data_dir", "samples_2d", "samples_3d", "reps", "loader_views", "device", "threads", "seed",
+                 "host_2d", "host_3d", "host_token_budget", "gpu_step_ms")}
     main(configure(defaults, sys.argv[1:]))

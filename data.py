@@ -8,9 +8,18 @@ Data: preprocessing into HDF5 shards, the shard reader, multi-crop views and the
     check_complete(path_or_glob)        ShardError naming a data set whose preprocessing run was interrupted
     ensure_phantom(data_dir)            the phantom world on first use, finished if its generation was interrupted
     ShardDataset(path_or_glob, split, modality)             lazy reader, item = dict(image, labels, ...)
-    MultiCrop(...)(image, rng)          V_g global + V_l local views, patch-snapped sizes, no resize (2.2, 2.4)
-    make_loader(ds2d, ds3d, b2d, b3d, rank, world_size, seed, start_step, crop, workers)   mixed stream (2.3)
-    iterate_whole(ds, batch_size)       one pass over a split, whole images, for the linear probe
+    MultiCrop(...)(image, rng)          crops of V_g global + V_l local views, patch-snapped, no resize, and
+                                        their per-view intensity augmentation (2.2, 2.4)
+    augment(packed, aug)                that augmentation, on the packed int8 views, on the device
+    make_loader(ds2d, ds3d, b2d, b3d, rank, world_size, seed, start_step, crop, workers, token_budget)
+                                        mixed stream (2.3): packed steps, built in the workers
+    micro_batches(batch, n)             a step's micro-batches, as views (cut finer to n if asked)
+    iterate_whole(ds, token_budget)     one pass over a split, whole images, packed, for the linear probe
+
+Where the work runs: a DataLoader worker reads int8 samples, cuts the crops, chooses the micro-batch
+cuts under token_budget and packs the step (pack.pack_arrays: one copy of the int8 voxels, into shared
+memory); the training process only slices it into micro-batches (views, micro_batches) and moves them
+to the device (pinned, non_blocking), where augment() makes floats of them.
 
 Shard layout (one HDF5 file per shard, FORMAT_VERSION 1; every sample of a shard shares split+modality):
     attrs    format_version, labels (LABELS), command (how to rebuild), records_sha, long_side, failures (json)
@@ -30,6 +39,7 @@ Usage: python data.py <name> --root R --out O [--workers N]     (python data.py 
 """
 
 import argparse
+import dataclasses
 import glob
 import hashlib
 import json
@@ -44,6 +54,8 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pack import Packed, pack_arrays
 
 LABELS = ('ATEL', 'CARD', 'CONS', 'LO', 'EFF')  # Atelectasis, Cardiomegaly, Consolidation, Lung Opacity, Pleural Effusion
 FORMAT_VERSION = 1     # bump when the shard layout changes; readers refuse other versions
@@ -486,7 +498,8 @@ class ShardDataset(torch.utils.data.Dataset):
     def __getstate__(self):  # pickled into spawned workers without open handles
         return dict(self.__dict__, _handles={}, _pid=None)
 
-    def __getitem__(self, i):
+    def read(self, i) -> np.ndarray:
+        """The stored int8 image of sample i (q = 127 x), (1, H, W) or (1, Z, H, W), checksum verified."""
         z, hgt, wid = self.shape[i]
         path = self.files[self.file[i]]
         try:
@@ -497,8 +510,10 @@ class ShardDataset(torch.utils.data.Dataset):
         if self.crc32[i] >= 0 and zlib.crc32(q) != self.crc32[i]:
             raise ShardError(f"shard {path}: sample {self.id[i]} (index {i}) fails its CRC32 check: the file was "
                              f"truncated or overwritten after it was written; delete it and re-run {_rebuild_hint(path)}")
-        img = (q / np.float32(Q)).astype(np.float32, copy=False)  # exact at -1, 0, 1
-        img = img.reshape((1, hgt, wid) if self.modality[i] == '2d' else (1, z, hgt, wid))
+        return q.reshape((1, hgt, wid) if self.modality[i] == '2d' else (1, z, hgt, wid))
+
+    def __getitem__(self, i):
+        img = (self.read(i) / np.float32(Q)).astype(np.float32, copy=False)  # exact at -1, 0, 1
         return dict(image=img, labels=self.labels[i].copy(), modality=str(self.modality[i]), id=str(self.id[i]),
                     patient_id=str(self.patient_id[i]), study_id=str(self.study_id[i]), split=str(self.split[i]),
                     spacing=self.spacing[i].copy())
@@ -506,20 +521,16 @@ class ShardDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- views (paper 2.2, 2.4)
 
-_NOISE = []  # per process: 4M standard normals (16 MB), made on first use
+NOISE_SIZE = 1 << 22  # standard normals in the fixed noise table (16 MB), see augment
+_NOISE = {}  # device -> that table, made on first use there
 
 
-def _noise(shape, rng) -> np.ndarray:
-    """Standard normal noise of `shape`: a window at a random offset of a fixed table. Drawing 1M fresh
-    normals per 3D view cost 14 ms, 12x the rest of the view; the window shifts per view, so views
-    still get unrelated noise."""
-    n = math.prod(shape)
-    if not _NOISE:
-        _NOISE.append(np.random.default_rng(12345).standard_normal(1 << 22, dtype=np.float32))
-    if n > _NOISE[0].size:
-        return rng.standard_normal(shape, dtype=np.float32)
-    o = int(rng.integers(0, _NOISE[0].size - n + 1))
-    return _NOISE[0][o:o + n].reshape(shape)
+def noise_table(device) -> torch.Tensor:
+    """The fixed table of NOISE_SIZE standard normals on `device` (the same numbers everywhere)."""
+    if str(device) not in _NOISE:
+        t = np.random.default_rng(12345).standard_normal(NOISE_SIZE, dtype=np.float32)
+        _NOISE[str(device)] = torch.from_numpy(t).to(device)
+    return _NOISE[str(device)]
 
 
 class MultiCrop:
@@ -536,7 +547,8 @@ class MultiCrop:
     Intensity augmentation, drawn independently PER VIEW (so it is a nuisance no two views share, and
     crop-invariance cannot reward it; issue 6): contrast x(1 +- contrast) about the view's mean,
     brightness +- brightness, Gaussian noise with sigma ~ U(0, noise); then clip to [-1, 1]. In CT
-    units 0.1 is 125 HU and 0.02 is 25 HU, about scanner noise.
+    units 0.1 is 125 HU and 0.02 is 25 HU, about scanner noise. Only the parameters are drawn here;
+    augment() applies them to the packed views, on the device (the loader ships int8 crops).
     Zoom (off by default): each view shows a region of its size / z, resampled (bi/trilinear) to its
     size, z ~ exp(U(log zoom)) per view: a scale no two views share, so crop-invariance cannot reward
     per-patient scale (body size, rib pitch, pixel spacing). A region that would exceed the image is
@@ -563,8 +575,8 @@ class MultiCrop:
         best = None
         for _ in range(self.tries):
             s = rng.uniform(*scale)
-            u = rng.uniform(-self.log_aspect / 2, self.log_aspect / 2, d)
-            stretch = np.exp(u - u.mean())
+            u = rng.uniform(-self.log_aspect / 2, self.log_aspect / 2, d).tolist()  # python floats: 2x faster here
+            stretch = [math.exp(x - sum(u) / d) for x in u]
             n = [min(max(1, round(S * s ** (1 / d) * r / p)), f) for S, r, f in zip(spatial, stretch, fit)]
             real = math.prod(n) * p ** d / math.prod(spatial)
             err = max(scale[0] - real, real - scale[1], 0.0)
@@ -574,29 +586,61 @@ class MultiCrop:
                 break
         return tuple(k * p for k in best[1])
 
-    def augment(self, x, rng) -> np.ndarray:
-        c = 1.0 + rng.uniform(-self.contrast, self.contrast)
-        shift = float(x.mean(dtype=np.float32)) * (1.0 - c) + rng.uniform(-self.brightness, self.brightness)
-        y = x * np.float32(c) + np.float32(shift)  # contrast about the view's mean, then brightness
-        sigma = rng.uniform(0, self.noise)
-        if sigma > 0:
-            y += np.float32(sigma) * _noise(x.shape, rng)
-        return np.clip(y, -1.0, 1.0, out=y)
-
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> list:
+    def __call__(self, image: np.ndarray, rng: np.random.Generator):
+        """(crops, aug) of the views of image, all drawn from rng. crops[v]: (1, h, w) or (1, z, h, w), a
+        sub-block of image in its own dtype (int8 q = 127 x from ShardDataset.read, or float), float32 in
+        [-1, 1] when zoom resamples; aug: (V, 4) float64 rows (contrast c, brightness b, noise sd, noise
+        row) for augment()."""
         spatial = image.shape[1:]  # (H, W) or (Z, H, W)
-        views = []
+        zoom = self.log_zoom[1] > self.log_zoom[0]
+        if zoom and image.dtype == np.int8:
+            image = image / np.float32(Q)  # resampling needs floats; then every view is float
+        crops, aug = [], []
         for v in range(self.n_global + self.n_local):
             size = self.size(spatial, self.global_scale if v < self.n_global else self.local_scale, rng)
-            z = math.exp(rng.uniform(*self.log_zoom)) if self.log_zoom[1] > self.log_zoom[0] else 1.0
+            z = math.exp(rng.uniform(*self.log_zoom)) if zoom else 1.0
             src = [min(S, max(1, round(s / z))) for S, s in zip(spatial, size)]  # region shown at size
             corner = [rng.integers(0, S - s + 1) for S, s in zip(spatial, src)]
             crop = image[(slice(None),) + tuple(slice(a, a + s) for a, s in zip(corner, src))]
             if list(src) != list(size):  # zoom: the region resampled to the patch-snapped size
                 crop = F.interpolate(torch.from_numpy(np.ascontiguousarray(crop))[None], size=size,
                                      mode="bilinear" if len(size) == 2 else "trilinear", align_corners=False)[0].numpy()
-            views.append(self.augment(crop, rng))  # (1, h, w) or (1, z, h, w), a fresh contiguous array
-        return views
+            crops.append(crop)  # a view of the image (no copy) unless resampled
+            c = 1.0 + rng.uniform(-self.contrast, self.contrast)
+            b = rng.uniform(-self.brightness, self.brightness)
+            sd = rng.uniform(0, self.noise)
+            rows = NOISE_SIZE // (self.patch ** len(spatial))  # the noise table as rows of one patch
+            aug.append((c, b, sd, rng.integers(0, rows) if sd > 0 else 0))
+        return crops, np.array(aug, np.float64)
+
+
+@torch.no_grad()
+def augment(packed: Packed, aug: torch.Tensor) -> Packed:
+    """MultiCrop's intensity augmentation, applied to packed views where they are: the same code on CPU
+    and CUDA tensors (tested equal), a few batched ops however many views. Patches (int8 q = 127 x, or
+    float x) -> float32 clip(c x + (1 - c) mean_v(x) + b + sd * noise, -1, 1), (c, b, sd, row) = aug[v].
+    A view's noise is its tokens' rows of the fixed table seen as (rows, voxels of a patch), from `row`
+    on (wrapping), in patch order: i.i.d. normals, unrelated between views, one gather per batch;
+    drawing fresh normals cost 14 ms per 3D view on a CPU. Pass aug on the host: it is checked there."""
+    dev, N, noisy = packed.coords.device, packed.num_views, bool((aug[:, 2] > 0).any())
+    c, b, sd, row = aug.to(dev, torch.float64, non_blocking=True).unbind(1)  # (N,) each
+    pos = torch.arange(packed.num_tokens, device=dev) - packed.cu_seqlens[:-1].long()[packed.view_ids]  # (S,) in its view
+    sums, count = torch.zeros(N, dtype=torch.float64, device=dev), torch.zeros(N, dtype=torch.float64, device=dev)
+    for p, idx in ((packed.patches2d, packed.idx2d), (packed.patches3d, packed.idx3d)):
+        q = p.dtype == torch.int8  # int8 sums are exact (so equal on every device), float ones nearly so
+        sums.index_add_(0, packed.view_ids[idx], p.sum(1, dtype=torch.int32 if q else torch.float32).double() / (Q if q else 1))
+        count.index_add_(0, packed.view_ids[idx], torch.full_like(idx, p.shape[1], dtype=torch.float64))
+    shift = ((sums / count.clamp(min=1)) * (1 - c) + b).float()  # contrast about the view's mean, then brightness
+    c, sd, out = c.float(), sd.float(), []
+    for p, idx in ((packed.patches2d, packed.idx2d), (packed.patches3d, packed.idx3d)):
+        vid, K = packed.view_ids[idx], p.shape[1]
+        x = p.float().div_(Q) if p.dtype == torch.int8 else p.float().clone()  # (S_d, K), in place from here
+        x.mul_(c[vid, None]).add_(shift[vid, None])
+        if noisy:
+            table = noise_table(dev)[:NOISE_SIZE // K * K].view(-1, K)  # (rows, K)
+            x.add_(table[(row.long()[vid] + pos[idx]) % table.shape[0]].mul_(sd[vid, None]))
+        out.append(x.clamp_(-1.0, 1.0))
+    return dataclasses.replace(packed, patches2d=out[0], patches3d=out[1])
 
 
 # ----------------------------------------------------------------------------- mixed 2D/3D stream (paper 2.3)
@@ -616,29 +660,61 @@ def stream_index(n: int, seed: int, modality_id: int, k: int) -> int:
     return int(_PERMS[key][k % n])
 
 
-class _StepBatches(torch.utils.data.Dataset):
-    """Map-style over training steps: item s = this rank's whole collated batch of step s. The 2D (3D)
-    samples of global batch s are stream positions s*B .. s*B + B - 1 (B = world_size * b); rank r takes
-    the slice [r*b, (r+1)*b), so ranks never overlap, and the global batch does not depend on the number
-    of ranks. Crops are seeded by the stream position, so the batch is a pure function of (seed, s, rank)."""
+def split_micro(tokens_per_sample: list, n_micro: int) -> list:
+    """Cut samples (kept whole: L_pred needs all views of a sample) into exactly n_micro contiguous,
+    non-empty chunks of roughly equal token counts. Returns n_micro + 1 boundaries."""
+    total, bounds, acc, j = sum(tokens_per_sample), [0], 0, 1
+    for i, t in enumerate(tokens_per_sample):
+        acc += t
+        left = len(tokens_per_sample) - (i + 1)
+        if j < n_micro and (acc >= total * j / n_micro or left == n_micro - j):
+            bounds.append(i + 1)
+            j += 1
+    bounds.append(len(tokens_per_sample))
+    return bounds
 
-    def __init__(self, ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop, skip_bad=False):
+
+def micro_batches(batch: dict, n: int = 0) -> list:
+    """The micro-batches of a make_loader batch, [(Packed, aug, (a, b)) for samples a..b-1], as views of the
+    batch's tensors. With n above the loader's count, the largest (in tokens) is halved until there are n:
+    every rank must run as many as the rank that needs most, because SIGReg all-reduces in each."""
+    pk, V, cuts = batch['packed'], batch['views_per_sample'], [tuple(c) for c in batch['micro']]
+    toks = [sum(pk.seqlens[i * V:(i + 1) * V]) for i in range(len(batch['id']))]
+    while len(cuts) < n:
+        j = max(range(len(cuts)), key=lambda j: (cuts[j][1] - cuts[j][0] > 1, sum(toks[cuts[j][0]:cuts[j][1]])))
+        a, b = cuts[j]
+        c = a + split_micro(toks[a:b], 2)[1]
+        cuts[j:j + 1] = [(a, c), (c, b)]
+    return [(pk.slice(a * V, b * V), batch['aug'][a * V:b * V], (a, b)) for a, b in cuts]
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Map-style over training steps: item s = this rank's batch of step s, cut into micro-batches and
+    packed, ready for the device. The 2D (3D) samples of global batch s are stream positions s*B ..
+    s*B + B - 1 (B = world_size * b); rank r takes the slice [r*b, (r+1)*b), so ranks never overlap, and
+    the global batch does not depend on the number of ranks. Crops are seeded by the stream position,
+    so the batch is a pure function of (seed, s, rank)."""
+
+    def __init__(self, ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop, skip_bad=False, n_views=None,
+                 token_budget=None, alpha=128.0):
         self.parts = [(ds, b, m) for m, (ds, b) in enumerate(((ds2d, b2d), (ds3d, b3d))) if b]
         for ds, b, m in self.parts:
             if ds is None or len(ds) == 0:
                 raise ValueError(f"batch_{m + 2}d = {b} but there are no {m + 2}D samples; set it to 0 (stage 1 is 2D only)")
         assert self.parts, "b2d + b3d must be positive"
         self.rank, self.world_size, self.seed, self.crop, self.skip_bad = rank, world_size, seed, crop, skip_bad
+        self.n_views, self.token_budget, self.alpha = n_views, token_budget, alpha
 
     def __len__(self):
         return 1 << 62  # endless; DataLoader only needs the sampler's indices
 
     def _read(self, ds, idx, skipped):
-        """ds[idx]; with skip_bad, a sample that fails to read (ShardError) is replaced by the next
-        readable one in the dataset, and its error appended to `skipped` (logged and counted by train.py)."""
+        """(index, int8 image) of ds[idx]; with skip_bad, a sample that fails to read (ShardError) is replaced
+        by the next readable one in the dataset, and its error appended to `skipped` (logged and counted by
+        train.py)."""
         for j in range(len(ds) if self.skip_bad else 1):
             try:
-                return ds[(idx + j) % len(ds)]
+                return (idx + j) % len(ds), ds.read((idx + j) % len(ds))
             except ShardError as e:
                 if not self.skip_bad:
                     raise
@@ -646,54 +722,92 @@ class _StepBatches(torch.utils.data.Dataset):
         raise ShardError(f"skip_bad: no readable sample left in {len(ds)} samples; last error: {skipped[-1]}")
 
     def __getitem__(self, step):
-        views, labels, mods, ids, skipped = [], [], [], [], []
+        crops, augs, labels, mods, ids, skipped = [], [], [], [], [], []
         for ds, b, m in self.parts:
             for i in range(b):
                 k = (step * self.world_size + self.rank) * b + i  # position in this modality's stream
-                item = self._read(ds, stream_index(len(ds), self.seed, m, k), skipped)
-                views.append(self.crop(item['image'], np.random.default_rng((self.seed, 1, m, k))))
-                labels.append(item['labels'])
-                mods.append(item['modality'])
-                ids.append(item['id'])
-        return {'views': [[torch.from_numpy(vs[v]) for vs in views] for v in range(len(views[0]))],  # views[v][i]
-                'labels': torch.from_numpy(np.stack(labels)),  # (B, 5), NaN unknown
-                'modality': mods, 'id': ids, 'step': int(step), 'skipped': skipped}
+                j, q = self._read(ds, stream_index(len(ds), self.seed, m, k), skipped)
+                cs, aug = self.crop(q, np.random.default_rng((self.seed, 1, m, k)))
+                crops.append(cs[:self.n_views])
+                augs.append(aug[:self.n_views])
+                labels.append(ds.labels[j])
+                mods.append(str(ds.modality[j]))
+                ids.append(str(ds.id[j]))
+        P = self.crop.patch
+        toks = [sum(c[0].size // P ** (c.ndim - 1) for c in cs) for cs in crops]
+        n_micro = min(len(crops), max(1, math.ceil(sum(toks) / self.token_budget))) if self.token_budget else 1
+        bounds, share = split_micro(toks, n_micro), torch.utils.data.get_worker_info() is not None
+        # one Packed for the whole step (a few tensors to hand over, ~0.3 ms each), cut by micro_batches()
+        batch = {'packed': pack_arrays([c for cs in crops for c in cs], P, self.alpha, share),  # sample-major
+                 'aug': torch.from_numpy(np.concatenate(augs)), 'views_per_sample': len(crops[0]),
+                 'micro': list(zip(bounds, bounds[1:])), 'labels': torch.from_numpy(np.stack(labels)),  # (B, 5)
+                 'modality': mods, 'id': ids, 'step': int(step), 'skipped': skipped}
+        if share:  # whoever lets go of shared memory last returns its pages to the OS (~5 ms for 90 MB): this
+            self._recent = (getattr(self, '_recent', []) + [batch])[-3:]  # worker, not the training process
+        return batch
 
 
 def make_loader(ds2d, ds3d, b2d: int, b3d: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                start_step: int = 0, crop: MultiCrop = None, workers: int = 0, stop_step=None, skip_bad=False):
+                start_step: int = 0, crop: MultiCrop = None, workers: int = 0, stop_step=None, skip_bad=False,
+                n_views=None, token_budget=None, alpha=128.0, pin_memory=False):
     """This rank's batches from step `start_step` on (endless unless stop_step): b2d 2D samples then b3d
     3D samples (stage 1: b3d = 0, ds3d may be None). Each batch is built whole by one DataLoader worker
-    and batches arrive in step order. Batch: {'views': views[v][i] float32 tensors (1, h, w) or
-    (1, z, h, w), global views first; 'labels': (B, 5); 'modality', 'id': lists of B; 'step': int;
-    'skipped': errors of the bad samples replaced in this batch (skip_bad; else a bad sample raises)}."""
-    ds = _StepBatches(ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop or MultiCrop(), skip_bad)
+    (crops, micro-batch cuts, packing) and batches arrive in step order. Batch: {'packed': Packed of int8
+    patches, the first n_views (default all) views of every sample, sample-major; 'aug': (views, 4) for
+    augment(); 'views_per_sample'; 'micro': [(a, b)] sample ranges, as few as keep each under token_budget
+    tokens (default: one), see micro_batches(); 'labels': (B, 5); 'modality', 'id': lists of B; 'step': int;
+    'skipped': errors of the bad samples replaced in this batch (skip_bad; else a bad sample raises)}.
+    pin_memory: page-locked batches, for non_blocking copies to a GPU."""
+    ds = _StepBatches(ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop or MultiCrop(), skip_bad, n_views,
+                      token_budget, alpha)
     steps = range(start_step, stop_step if stop_step is not None else 1 << 62)  # the sampler yields step numbers
-    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=steps, num_workers=workers,
+    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=steps, num_workers=workers, pin_memory=pin_memory,
                                        persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
 
 
-def _collate_whole(items, patch=PATCH):
-    """Whole images padded with -1 (air in the CT window, black on a radiograph) evenly up to whole
-    patches, which packing needs. Padding, not trimming: a 40-slice CT would lose 12 slices to a trim."""
-    out = []
-    for it in items:
-        x = it['image']
-        out.append(torch.from_numpy(np.pad(x, [(0, 0)] + [(-s % patch // 2, -s % patch - -s % patch // 2)
-                                                          for s in x.shape[1:]], constant_values=-1.0)))
-    return {'image': out, 'labels': torch.from_numpy(np.stack([it['labels'] for it in items])),
-            'modality': [it['modality'] for it in items], 'id': [it['id'] for it in items],
-            'patient_id': [it['patient_id'] for it in items]}
+def pad_to_patches(x: np.ndarray, patch: int = PATCH) -> np.ndarray:
+    """An image (1, H, W) / (1, Z, H, W) padded evenly up to whole patches, which packing needs, with -1
+    (air in the CT window, black on a radiograph; -127 if int8). Padding, not trimming: a 40-slice CT
+    would lose 12 slices to a trim, and gains 2."""
+    return np.pad(x, [(0, 0)] + [(-s % patch // 2, -s % patch - -s % patch // 2) for s in x.shape[1:]],
+                  constant_values=-Q if x.dtype == np.int8 else -1.0)
 
 
-def iterate_whole(ds, batch_size: int, rank: int = 0, world_size: int = 1, workers: int = 0, patch: int = PATCH):
+class _WholeBatches(torch.utils.data.Dataset):
+    """Item g = group g of consecutive samples, whole and packed (int8 patches); see iterate_whole."""
+
+    def __init__(self, ds, groups, patch, alpha):
+        self.ds, self.groups, self.patch, self.alpha = ds, groups, patch, alpha
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __getitem__(self, g):
+        idx, ds = self.groups[g], self.ds
+        share = torch.utils.data.get_worker_info() is not None
+        packed = pack_arrays([pad_to_patches(ds.read(i), self.patch) for i in idx], self.patch, self.alpha, share)
+        return {'packed': packed, 'aug': torch.tensor([[1.0, 0.0, 0.0, 0.0]] * len(idx), dtype=torch.float64),
+                'labels': torch.from_numpy(ds.labels[idx]), 'modality': [str(ds.modality[i]) for i in idx],
+                'id': [str(ds.id[i]) for i in idx], 'patient_id': [str(ds.patient_id[i]) for i in idx]}
+
+
+def iterate_whole(ds: 'ShardDataset', token_budget: int, rank: int = 0, world_size: int = 1, workers: int = 0,
+                  patch: int = PATCH, alpha: float = 128.0, pin_memory: bool = False):
     """One pass over ds in order (rank r takes samples r, r + world_size, ...), no crop, no augmentation,
-    each image padded to whole patches (as probe.whole_view).
-    Batch: {'image': list of B tensors (1, H, W) / (1, Z, H, W), 'labels': (B, 5), 'modality', 'id',
-    'patient_id': lists}."""
-    sub = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
-    return torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=partial(_collate_whole, patch=patch))
+    each image padded to whole patches (as probe.whole_view), in batches of consecutive samples of at most
+    token_budget tokens (a larger sample goes alone), cut from the index alone and packed in the workers.
+    Batch: {'packed': Packed of int8 patches, 'aug': identity rows for augment(), 'labels': (B, 5),
+    'modality', 'id', 'patient_id': lists}; augment(packed.to(device), aug) gives the float views."""
+    groups, toks = [], 0
+    for i in range(rank, len(ds), world_size):
+        n = math.prod(-(-int(s) // patch) for s in ds.shape[i][int(ds.modality[i] == '2d'):])  # tokens once padded
+        if not groups or toks + n > token_budget:
+            groups.append([])
+            toks = 0
+        groups[-1].append(i)
+        toks += n
+    return torch.utils.data.DataLoader(_WholeBatches(ds, groups, patch, alpha), batch_size=None, shuffle=False,
+                                       num_workers=workers, pin_memory=pin_memory)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -7,6 +7,8 @@ concatenated into ONE token sequence. `cu_seqlens` marks where each view starts,
 inside each view: flash-attn's varlen kernel on CUDA, an exact per-view PyTorch loop elsewhere.
 
     pack_views(views) -> Packed        patches, (S, 3) RoPE coordinates, cu_seqlens, max_seqlen, view ids
+    pack_arrays(arrays, share=...)     the same for numpy views (int8 crops in a loader worker), one copy each
+    Packed.slice(a, b), .to, .pin_memory   views a..b-1 without a copy; move; page-lock
     varlen_attention(q, k, v, ...)     non-causal attention within each view, q/k/v of shape (S, H, Dh)
     pool_views(x, packed)              per-view mean of the token features, (N, D)
     split_views(x, packed)             a packed (S, ...) tensor back into one tensor per view
@@ -16,6 +18,8 @@ P^2 vectors; model.py projects them with the one depth slice of the P^3 weight t
 which equals zero-padding and projecting (tested) at 1/P of the cost.
 """
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -59,13 +63,53 @@ class Packed:
     def num_tokens(self) -> int:
         return self.coords.shape[0]
 
+    def __reduce__(self):
+        """Pickled (from a DataLoader worker) as 4 tensors, not 9: every tensor handed to another process
+        costs ~0.5 ms there (a file descriptor passed over a socket), so the integer metadata travels as one."""
+        ints = [self.idx2d, self.idx3d, self.view_ids, self.cu_seqlens.long(), *self.groups[:2]]
+        return _unflatten, (self.patches2d, self.patches3d, self.coords, torch.cat(ints), [t.numel() for t in ints],
+                            self.seqlens, self.max_seqlen, self.grids, self.groups[2])
+
+    def _map(self, fn, patches=None):
+        """A Packed with fn applied to every tensor (patches through `patches` if given); host metadata shared."""
+        perm, inv, shapes = self.groups
+        p = patches or fn
+        return Packed(p(self.patches2d), p(self.patches3d), fn(self.idx2d), fn(self.idx3d), fn(self.coords),
+                      fn(self.cu_seqlens), fn(self.view_ids), self.seqlens, self.max_seqlen, self.grids,
+                      (fn(perm), fn(inv), shapes))
+
     def to(self, device, dtype=None, non_blocking=False):
         """Move tensors; patches also cast to `dtype` if given. Host metadata stays on the host."""
         mv = lambda t, dt=None: t.to(device=device, dtype=dt, non_blocking=non_blocking)
-        perm, inv, shapes = self.groups
-        return Packed(mv(self.patches2d, dtype), mv(self.patches3d, dtype), mv(self.idx2d), mv(self.idx3d),
-                      mv(self.coords), mv(self.cu_seqlens), mv(self.view_ids),
-                      self.seqlens, self.max_seqlen, self.grids, (mv(perm), mv(inv), shapes))
+        return self._map(mv, lambda t: mv(t, dtype))
+
+    def pin_memory(self):
+        """Page-locked copy, so .to(cuda, non_blocking=True) overlaps; DataLoader(pin_memory=True) calls it."""
+        return self._map(lambda t: t.pin_memory())
+
+    def slice(self, a: int, b: int) -> "Packed":
+        """Views a..b-1 as a Packed of their own, on the host: row views of the patches and coords (no copy),
+        the small metadata derived from this one's (its length order too). train.py cuts micro-batches so."""
+        lo, hi = sum(self.seqlens[:a]), sum(self.seqlens[:b])
+        r2, r3 = (torch.searchsorted(i, torch.tensor([lo, hi])).tolist() for i in (self.idx2d, self.idx3d))
+        perm = self.groups[0]
+        perm = perm[(perm >= lo) & (perm < hi)] - lo  # still ordered by view length
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        return Packed(self.patches2d[r2[0]:r2[1]], self.patches3d[r3[0]:r3[1]], self.idx2d[r2[0]:r2[1]] - lo,
+                      self.idx3d[r3[0]:r3[1]] - lo, self.coords[lo:hi], *_view_meta(self.seqlens[a:b]),
+                      self.grids[a:b], (perm, inv, sorted(Counter(self.seqlens[a:b]).items())))
+
+
+def _unflatten(p2, p3, coords, ints, sizes, seqlens, max_seqlen, grids, shapes) -> Packed:
+    idx2d, idx3d, view_ids, cu, perm, inv = ints.split(sizes)  # views of the one int64 tensor
+    return Packed(p2, p3, idx2d, idx3d, coords, cu.int(), view_ids, seqlens, max_seqlen, grids, (perm, inv, shapes))
+
+
+def grid_of(shape, patch: int) -> tuple:
+    """(gz, gh, gw) of a view of shape (C, H, W) or (C, Z, H, W) with whole patches; a depth of 1 means 2D."""
+    z, h, w = shape[1:] if len(shape) == 4 else (1,) + tuple(shape[1:])
+    return (1 if z == 1 else z // patch, h // patch, w // patch)
 
 
 def check_view(i: int, v, patch: int, in_chans: int):
@@ -84,51 +128,62 @@ def check_view(i: int, v, patch: int, in_chans: int):
     if min(spatial) < 1 or h % patch or w % patch or (z != 1 and z % patch):
         raise ValueError(f"view {i} has shape {shape}: spatial sizes must be positive multiples of the "
                          f"patch size {patch} (a depth of 1 means 2D); crop or resize it first")
-    return (1 if z == 1 else z // patch, h // patch, w // patch)
-
-
-def patchify(v: torch.Tensor, grid, patch: int) -> torch.Tensor:
-    """One view -> its patch vectors, rows ordered z, h, w (like grid_coords)."""
-    gz, gh, gw = grid
-    P, C = patch, v.shape[0]
-    if v.dim() == 4 and v.shape[1] != 1:  # 3D: (C, Z, H, W) -> (gz*gh*gw, C*P^3)
-        x = v.reshape(C, gz, P, gh, P, gw, P)
-        return x.permute(1, 3, 5, 0, 2, 4, 6).reshape(gz * gh * gw, C * P ** 3)
-    x = v.reshape(C, gh, P, gw, P)  # 2D (depth 1): (C, H, W) -> (gh*gw, C*P^2)
-    return x.permute(1, 3, 0, 2, 4).reshape(gh * gw, C * P * P)
+    return grid_of(shape, patch)
 
 
 def pack_views(views, patch: int = 14, in_chans: int = 1, alpha: float = 128.0,
                check_finite: bool = True) -> Packed:
-    """Pack a list of views into one token sequence. Meant to run on the CPU (e.g. in the loader);
-    move the result with Packed.to(device)."""
+    """Pack a list of float views (torch tensors, checked) into one token sequence on the CPU; move the
+    result with Packed.to(device)."""
     if len(views) == 0:
         raise ValueError("pack_views: empty list of views; pass at least one [C, H, W] or [C, Z, H, W] tensor")
-    p2, p3, i2, i3, coords, seqlens, grids = [], [], [], [], [], [], []
-    coord_cache, start = {}, 0
     for i, v in enumerate(views):
-        grid = check_view(i, v, patch, in_chans)
+        check_view(i, v, patch, in_chans)
         if check_finite and not torch.isfinite(v).all():
             raise ValueError(f"view {i} has shape {tuple(v.shape)}: contains NaN or inf values")
-        tok = patchify(v.float(), grid, patch)
-        n, is2d = tok.shape[0], v.dim() == 3 or v.shape[1] == 1
-        (p2 if is2d else p3).append(tok)
-        (i2 if is2d else i3).append(torch.arange(start, start + n))
-        if grid not in coord_cache:
-            coord_cache[grid] = grid_coords(*grid, alpha=alpha)
-        coords.append(coord_cache[grid])
-        seqlens.append(n)
-        grids.append(grid)
-        start += n
-    cat = lambda xs, width: torch.cat(xs) if xs else torch.zeros(0, width)
-    cu = torch.zeros(len(views) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(seqlens), 0)
-    return Packed(
-        patches2d=cat(p2, in_chans * patch ** 2), patches3d=cat(p3, in_chans * patch ** 3),
-        idx2d=cat(i2, 0).long().reshape(-1), idx3d=cat(i3, 0).long().reshape(-1),
-        coords=torch.cat(coords), cu_seqlens=cu,
-        view_ids=torch.repeat_interleave(torch.arange(len(views)), torch.tensor(seqlens)),
-        seqlens=seqlens, max_seqlen=max(seqlens), grids=grids, groups=length_groups(seqlens))
+    return pack_arrays([v.detach().float().cpu().numpy() for v in views], patch, alpha)
+
+
+def _empty(n: int, k: int, dtype, share: bool) -> torch.Tensor:
+    """(n, k) tensor, in shared memory if `share` (as DataLoader's default_collate does in a worker)."""
+    t = torch.empty(0, dtype=dtype)
+    return t.new(t._typed_storage()._new_shared(n * k)).view(n, k) if share else torch.empty(n, k, dtype=dtype)
+
+
+def pack_arrays(views, patch: int = 14, alpha: float = 128.0, share: bool = False) -> Packed:
+    """pack_views for numpy views of valid shapes (C, H, W) / (C, Z, H, W), all of one dtype: float32 in
+    [-1, 1], or int8 q = 127 x as a loader worker ships them (data.augment makes floats of them on the
+    device). Each view is copied once, straight into its rows of the patch buffers, which keep the dtype;
+    share=True allocates those in shared memory, so a DataLoader worker hands them over without a copy."""
+    C, dtype = views[0].shape[0], torch.from_numpy(views[0][:0]).dtype
+    assert all(torch.from_numpy(v[:0]).dtype == dtype for v in views), "pack_arrays: views of mixed dtypes"
+    grids = [grid_of(v.shape, patch) for v in views]
+    flat = [v.ndim == 3 or v.shape[1] == 1 for v in views]  # 2D views
+    seqlens = [math.prod(g) for g in grids]
+    n2 = sum(n for n, f in zip(seqlens, flat) if f)
+    p2, p3 = _empty(n2, C * patch ** 2, dtype, share), _empty(sum(seqlens) - n2, C * patch ** 3, dtype, share)
+    b2, b3, o2, o3, P = p2.numpy(), p3.numpy(), 0, 0, patch
+    for v, (gz, gh, gw), f, n in zip(views, grids, flat, seqlens):  # rows ordered z, h, w (like grid_coords)
+        if f:
+            b2[o2:o2 + n].reshape(gh, gw, C, P, P)[...] = v.reshape(C, gh, P, gw, P).transpose(1, 3, 0, 2, 4)
+            o2 += n
+        else:
+            b3[o3:o3 + n].reshape(gz, gh, gw, C, P, P, P)[...] = \
+                v.reshape(C, gz, P, gh, P, gw, P).transpose(1, 3, 5, 0, 2, 4, 6)
+            o3 += n
+    coord_cache = {g: grid_coords(*g, alpha=alpha) for g in set(grids)}
+    is2d = torch.repeat_interleave(torch.tensor(flat), torch.tensor(seqlens))  # (S,) per token
+    pos = torch.arange(sum(seqlens))
+    return Packed(p2, p3, pos[is2d], pos[~is2d], torch.cat([coord_cache[g] for g in grids]),
+                  *_view_meta(seqlens), grids, length_groups(seqlens))
+
+
+def _view_meta(seqlens) -> tuple:
+    """cu_seqlens, view_ids, seqlens, max_seqlen of views of these token counts."""
+    n = torch.tensor(seqlens)
+    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(n, 0)
+    return cu, torch.repeat_interleave(torch.arange(len(seqlens)), n), list(seqlens), max(seqlens)
 
 
 def length_groups(seqlens):

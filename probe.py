@@ -33,7 +33,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # encoders and data
@@ -185,53 +184,35 @@ def format_table(rows, labels) -> str:
 # features
 
 def whole_view(image, patch: int) -> torch.Tensor:
-    """The whole sample as one view: padded with -1 up to multiples of the patch, evenly on both sides
-    (-1 is air in the CT window and black on a min-max normalised radiograph, i.e. background).
-    Padding rather than trimming: a CT of 40 slices would lose 12 of them to trimming, 2 are added."""
-    x = torch.as_tensor(image, dtype=torch.float32)  # (1, H, W) or (1, Z, H, W)
-    pads = []
-    for n in reversed(x.shape[1:]):
-        extra = -n % patch
-        pads += [extra // 2, extra - extra // 2]
-    return F.pad(x, pads, value=-1.0)
-
-
-def num_tokens(v: torch.Tensor, patch: int) -> int:
-    return v[0].numel() // (patch ** 3 if v.dim() == 4 else patch ** 2)
+    """The whole sample as one float view, padded with -1 evenly up to whole patches (data.pad_to_patches,
+    as the probe's batches are)."""
+    import data
+    return torch.from_numpy(data.pad_to_patches(np.asarray(image, np.float32), patch))  # (1, H, W) or (1, Z, H, W)
 
 
 @torch.no_grad()
 def embed(model, ds, device, token_budget=token_budget, workers=num_workers, desc="embed") -> dict:
-    """Frozen backbone embeddings of every sample of ds, in order: {'x' (N, dim) float32, 'y' (N, K),
-    'patient' (N,) str, 'id' (N,) str}. Batches hold at most token_budget tokens (one larger sample
-    goes alone), so memory is bounded by the budget, not by the data set."""
+    """Frozen backbone embeddings of every sample of ds (a ShardDataset), in order: {'x' (N, dim) float32,
+    'y' (N, K), 'patient' (N,) str, 'id' (N,) str}. Batches hold at most token_budget tokens (one larger
+    sample goes alone), so memory is bounded by the budget, not by the data set; the workers pack them
+    (data.iterate_whole) and the device makes floats of the int8 patches."""
+    import data
     from tqdm import tqdm
     model.eval()
-    P = model.cfg.patch
     bf16 = device.type == "cuda"  # flash path on GPU; exact fp32 on CPU
     out = {"x": [], "y": [], "patient": [], "id": []}
-    batch, tokens = [], 0
-
-    def flush():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            out["x"].append(model(model.pack(batch)).float().cpu().numpy())  # (b, dim)
-        batch.clear()
-
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)  # items one by one
-    for item in tqdm(loader, total=len(ds), desc=desc, dynamic_ncols=True, leave=False):
-        v = whole_view(item["image"], P)
-        n = num_tokens(v, P)
-        if batch and tokens + n > token_budget:
-            flush()
-            tokens = 0
-        batch.append(v)
-        tokens += n
-        out["y"].append(np.asarray(item["labels"], np.float32))
-        out["patient"].append(str(item["patient_id"]))
-        out["id"].append(str(item["id"]))
-    if batch:
-        flush()
-    return {"x": np.concatenate(out["x"]), "y": np.stack(out["y"]), "patient": np.array(out["patient"]),
+    loader = data.iterate_whole(ds, token_budget, workers=workers, patch=model.cfg.patch, alpha=model.cfg.alpha,
+                                pin_memory=device.type == "cuda")
+    with tqdm(total=len(ds), desc=desc, dynamic_ncols=True, leave=False) as bar:
+        for b in loader:
+            packed = data.augment(b["packed"].to(device, non_blocking=True), b["aug"])  # identity: q / 127
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                out["x"].append(model(packed).float().cpu().numpy())  # (b, dim)
+            out["y"].append(b["labels"].numpy())
+            out["patient"] += b["patient_id"]
+            out["id"] += b["id"]
+            bar.update(len(b["id"]))
+    return {"x": np.concatenate(out["x"]), "y": np.concatenate(out["y"]), "patient": np.array(out["patient"]),
             "id": np.array(out["id"])}
 
 

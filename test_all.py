@@ -421,8 +421,27 @@ def test_get_lr_schedule():
 def test_split_micro_keeps_samples_whole_and_balanced():
     toks = [30, 10, 50, 20, 40, 25]
     for n in range(1, len(toks) + 1):
-        b = train.split_micro(toks, n)
+        b = data.split_micro(toks, n)
         assert len(b) == n + 1 and b[0] == 0 and b[-1] == len(toks) and all(x < y for x, y in zip(b, b[1:]))
+
+
+def test_threads_per_rank_fit_the_cores(monkeypatch, capsys):
+    """ranks x threads beyond the cores: without OMP_NUM_THREADS each rank takes cores // ranks threads;
+    with it, a warning that names the value to set; within the cores, nothing happens."""
+    before, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(cores)
+        train.cpu_threads(2 * cores, print)
+        assert torch.get_num_threads() == 1 and "1 torch thread(s) per rank" in capsys.readouterr().out
+        monkeypatch.setenv("OMP_NUM_THREADS", str(cores))
+        torch.set_num_threads(cores)
+        train.cpu_threads(2, print)
+        assert torch.get_num_threads() == cores and f"set OMP_NUM_THREADS={max(1, cores // 2)}" in capsys.readouterr().out
+        train.cpu_threads(1, print)
+        assert capsys.readouterr().out == ""
+    finally:
+        torch.set_num_threads(before)
 
 
 def params_of(net):
@@ -471,7 +490,14 @@ def free_port():
 
 
 def test_ddp_two_processes_stay_in_sync(fake_data, tmp_path):
-    cfg = train_cfg(fake_data, str(tmp_path), max_iters=3)
+    """With a token budget at which the two ranks' loaders cut different numbers of micro-batches in some
+    step (found below from the loaders themselves), the rank with fewer cuts finer and both stay in sync."""
+    ds2, ds3 = ShardDataset(fake_data, split="train", modality="2d"), ShardDataset(fake_data, split="train", modality="3d")
+    toks = [[[sum(b["packed"].seqlens[i * 10:(i + 1) * 10]) for i in range(3)]
+             for b in data.make_loader(ds2, ds3, 2, 1, rank=r, world_size=2, seed=train.seed, stop_step=3)] for r in range(2)]
+    cuts = lambda budget, r, s: min(3, math.ceil(sum(toks[r][s]) / budget))
+    budget = next(x for x in range(10, 2000) if any(cuts(x, 0, s) != cuts(x, 1, s) for s in range(3)))
+    cfg = train_cfg(fake_data, str(tmp_path), max_iters=3, token_budget=budget)
     mp.spawn(_train_ddp_worker, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     p0, p1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in p0:
@@ -690,15 +716,15 @@ def test_runner_parallel_matches_serial(tmp_path):
 @pytest.mark.parametrize("shape", [(1, 224, 182), (1, 224, 224), (1, 112, 112, 112), (1, 84, 112, 98)])
 def test_view_sizes_and_scales_over_many_draws(shape):
     crop = MultiCrop()
-    img = np.zeros(shape, np.float32)
+    img = np.zeros(shape, np.int8)
     rng = np.random.default_rng(0)
     full = math.prod(shape[1:])
     scales = {'g': [], 'l': []}
     for _ in range(150):
-        views = crop(img, rng)
-        assert len(views) == 10
+        views, aug = crop(img, rng)
+        assert len(views) == 10 and aug.shape == (10, 4)
         for v, x in enumerate(views):
-            assert x.ndim == len(shape) and x.shape[0] == 1 and x.dtype == np.float32
+            assert x.ndim == len(shape) and x.shape[0] == 1 and x.dtype == np.int8  # the shard's own dtype
             assert all(s % 14 == 0 and 14 <= s <= S for s, S in zip(x.shape[1:], shape[1:]))
             scales['g' if v < 2 else 'l'].append(x[0].size / full)
     g, l = np.array(scales['g']), np.array(scales['l'])
@@ -706,23 +732,76 @@ def test_view_sizes_and_scales_over_many_draws(shape):
     assert g.max() - g.min() > 0.4 and l.max() - l.min() > 0.15  # the ranges are actually explored
 
 
+def per_view(pk):
+    """The patch rows (L, C*P^d) of each view of a Packed, in view order (2D and 3D rows are kept apart)."""
+    is2d = torch.zeros(pk.num_tokens, dtype=torch.bool)
+    is2d[pk.idx2d] = True
+    out, r = [], [0, 0]
+    for start, n in zip(pk.cu_seqlens[:-1].tolist(), pk.seqlens):
+        k = 0 if is2d[start] else 1
+        out.append((pk.patches2d, pk.patches3d)[k][r[k]:r[k] + n])
+        r[k] += n
+    return out
+
+
+def augmented(crop, img, seed):
+    """MultiCrop's views of img after augment(), one float32 (tokens, voxels of a patch) array per view."""
+    views, aug = crop(img, np.random.default_rng(seed))
+    return [x.numpy() for x in per_view(data.augment(pack.pack_arrays(views), torch.from_numpy(aug)))]
+
+
 def test_views_are_native_resolution_crops_with_per_view_intensity():
     img = np.random.default_rng(1).uniform(-1, 1, (1, 40, 56, 70)).astype(np.float32)
     plain = MultiCrop(n_global=1, n_local=3, brightness=0, contrast=0, noise=0)
-    for x in plain(img, np.random.default_rng(2)):  # each view is literally a sub-block of the volume
+    for x in plain(img, np.random.default_rng(2))[0]:  # each view is literally a sub-block of the volume
         z, h, w = x.shape[1:]
         hits = [(a, b, c) for a in range(41 - z) for b in range(57 - h) for c in range(71 - w)
                 if img[0, a, b, c] == x[0, 0, 0, 0] and np.array_equal(img[0, a:a + z, b:b + h, c:c + w], x[0])]
         assert len(hits) == 1
-    flat = np.zeros((1, 224, 224), np.float32)
-    means = [x.mean() for x in MultiCrop(noise=0, contrast=0)(flat, np.random.default_rng(3))]
+    crops = [x.numpy() for x in per_view(pack.pack_arrays(plain(img, np.random.default_rng(2))[0]))]
+    assert all(np.array_equal(x, y) for x, y in zip(augmented(plain, img, 2), crops))  # no augmentation: the crops
+    flat = np.zeros((1, 224, 224), np.int8)
+    means = [x.mean() for x in augmented(MultiCrop(noise=0, contrast=0), flat, 3)]
     assert np.std(means) > 0.02 and max(map(abs, means)) <= 0.1 + 1e-6  # brightness differs per view
-    noisy = MultiCrop(brightness=0, contrast=0)(flat, np.random.default_rng(4))
+    noisy = augmented(MultiCrop(brightness=0, contrast=0), flat, 4)
     assert np.std([x.std() for x in noisy]) > 0.001  # so does the noise level
     same = MultiCrop(n_global=2, n_local=0, global_scale=(1, 1), aspect=(1, 1), brightness=0, contrast=0)
-    a, b = same(flat, np.random.default_rng(6))
+    a, b = augmented(same, flat, 6)
     assert a.shape == b.shape and abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.05  # and the noise itself
-    assert all(-1 <= x.min() and x.max() <= 1 for x in MultiCrop(brightness=0.5)(img, np.random.default_rng(5)))
+    assert all(-1 <= x.min() and x.max() <= 1 for x in augmented(MultiCrop(brightness=0.5), img, 5))
+
+
+def reference_augment(views, aug):
+    """augment() written out per view with numpy: x = q / 127 (or x), in patch order (pack_views'),
+    clip(c x + (1 - c) mean + b + sd * noise), the noise being rows row, row + 1, ... of the table (wrapping)."""
+    table, out = data.noise_table("cpu").numpy(), []
+    for v, (c, b, sd, row) in zip(views, aug):
+        x = v.astype(np.float32) / np.float32(127) if v.dtype == np.int8 else v
+        x = per_view(pack.pack_views([torch.from_numpy(x)]))[0].numpy()  # (L, K)
+        L, K = x.shape
+        rows = table[:len(table) // K * K].reshape(-1, K)
+        noise = rows[[(int(row) + t) % len(rows) for t in range(L)]]
+        y = x * np.float32(c) + np.float32(x.mean(dtype=np.float64) * (1 - c) + b)
+        out.append(np.clip(y + np.float32(sd) * noise, -1, 1))
+    return out
+
+
+def test_augment_matches_a_per_view_reference_on_cpu_and_device():
+    """The device-side augmentation equals the per-view CPU reference, for int8 (loader) and float views;
+    on CUDA, where there is one, the same code gives the same numbers as on the CPU."""
+    rng = np.random.default_rng(0)
+    q = [rng.integers(-127, 128, s).astype(np.int8) for s in ((1, 28, 42), (1, 14, 14), (1, 28, 14, 42), (1, 14, 28, 28))]
+    aug = np.array([(1.1, 0.05, 0.02, 7), (0.8, -0.1, 0.0, 0), (1.0, 0.0, 0.01, 1527), (1.2, 0.1, 0.02, 1500)])
+    pk = data.augment(pack.pack_arrays(q), torch.from_numpy(aug))
+    for got, want in zip(per_view(pk), reference_augment(q, aug)):
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)
+    floats = data.augment(pack.pack_arrays([x / np.float32(127) for x in q]), torch.from_numpy(aug))
+    assert torch.equal(floats.patches2d, pk.patches2d) and torch.equal(floats.patches3d, pk.patches3d)
+    ident = data.augment(pack.pack_arrays(q), torch.tensor([[1.0, 0, 0, 0]] * 4, dtype=torch.float64))
+    assert torch.equal(ident.patches3d, pack.pack_arrays(q).patches3d.float() / 127)  # no augmentation: q / 127 exactly
+    if torch.cuda.is_available():
+        dev = data.augment(pack.pack_arrays(q).to("cuda"), torch.from_numpy(aug).cuda())
+        assert torch.equal(dev.patches2d.cpu(), pk.patches2d) and torch.equal(dev.patches3d.cpu(), pk.patches3d)
 
 
 def test_view_zoom_resamples_a_region_by_a_per_view_factor():
@@ -733,9 +812,9 @@ def test_view_zoom_resamples_a_region_by_a_per_view_factor():
         d = len(shape) - 1
         axes = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape[1:]], indexing="ij")
         ramp = sum(c * (k + 1) for k, c in enumerate(axes)).astype(np.float32)[None] / 1000  # slope k+1 on axis k
-        crop = MultiCrop(n_global=2, n_local=6, zoom=(0.7, 1.4), brightness=0, contrast=0, noise=0)
+        crop = MultiCrop(n_global=2, n_local=6, zoom=(0.7, 1.4))
         slopes = []
-        for x in crop(ramp, np.random.default_rng(0)):
+        for x in crop(ramp, np.random.default_rng(0))[0]:
             assert all(s % 14 == 0 for s in x.shape[1:])
             for k in range(d):
                 g = np.diff(x[0].astype(np.float64), axis=k) * 1000 / (k + 1)
@@ -744,15 +823,31 @@ def test_view_zoom_resamples_a_region_by_a_per_view_factor():
                 slopes.append(g.flat[0])
         slopes = np.array(slopes)  # = 1/z, or smaller-than-z zoom-out where the image border clips
         assert slopes.min() >= 1 / 1.4 - 1e-3 and slopes.max() <= 1 / 0.7 + 1e-3
-        assert slopes.max() - slopes.min() > 0.2  # the range is explored
-    plain = MultiCrop(brightness=0, contrast=0, noise=0)(ramp, np.random.default_rng(0))  # default: no resampling
+        assert slopes.max() - slopes.min() > 0.2  # the range is actually explored
+    plain = MultiCrop()(ramp, np.random.default_rng(0))[0]  # default: no resampling
     assert all(np.allclose(np.diff(x[0].astype(np.float64), axis=0) * 1000, 1, atol=1e-3) for x in plain)
+    q = MultiCrop(zoom=(0.7, 1.4))(np.zeros((1, 56, 56), np.int8), np.random.default_rng(0))[0]
+    assert all(x.dtype == np.float32 for x in q)  # resampled int8 views all become floats in [-1, 1]
 
 
 # ----------------------------------------------------------------------------- stream
 
+def sample_views(batch, i):
+    """Sample i of a loader batch: (its views as a Packed of float patches after augment(), its aug rows)."""
+    for pk, aug, (a, b) in data.micro_batches(batch):
+        if a <= i < b:
+            V = pk.num_views // (b - a)
+            return data.augment(pk, aug).slice((i - a) * V, (i - a + 1) * V), aug[(i - a) * V:(i - a + 1) * V]
+
+
+def same_views(x, y):
+    return (x.seqlens == y.seqlens and x.grids == y.grids and torch.equal(x.patches2d, y.patches2d)
+            and torch.equal(x.patches3d, y.patches3d) and torch.equal(x.idx2d, y.idx2d) and torch.equal(x.coords, y.coords))
+
+
 def _batch_key(b):
-    return (b['step'], tuple(b['id']), tuple(float(x.sum()) for vs in b['views'] for x in vs))
+    return (b['step'], tuple(b['id']), tuple(map(tuple, b['micro'])), int(b['packed'].patches2d.sum()),
+            int(b['packed'].patches3d.sum()), float(b['aug'].sum()), tuple(b['packed'].seqlens))
 
 
 def test_rank_shares_are_disjoint_and_world_size_invariant(shard_dir):
@@ -766,12 +861,14 @@ def test_rank_shares_are_disjoint_and_world_size_invariant(shard_dir):
         ids = [[i for b in bs for i, m in zip(b['id'], b['modality']) if m == mod] for bs in ranks]
         assert len(set(ids[0])) == len(ids[0]) and not set(ids[0]) & set(ids[1])
         assert len(set(ids[0]) | set(ids[1])) == n
-    one = list(data.make_loader(ds2, ds3, 4, 2, seed=7, crop=crop, stop_step=steps))
+    one = list(data.make_loader(ds2, ds3, 4, 2, seed=7, crop=crop, stop_step=steps, token_budget=10))
     for s in range(steps):  # one process sees exactly the union of the two ranks, with the same crops
         r0, r1 = ranks[0][s], ranks[1][s]
         assert one[s]['id'] == r0['id'][:2] + r1['id'][:2] + r0['id'][2:] + r1['id'][2:]
-        assert torch.equal(one[s]['views'][1][3], r1['views'][1][1])
-        assert torch.equal(one[s]['views'][0][5], r1['views'][0][2])
+        assert len(one[s]['micro']) > 1  # however the micro-batches are cut
+        for i, (r, j) in enumerate([(r0, 0), (r0, 1), (r1, 0), (r1, 1), (r0, 2), (r1, 2)]):
+            (x, ax), (y, ay) = sample_views(one[s], i), sample_views(r, j)
+            assert same_views(x, y) and torch.equal(ax, ay)
     # over many steps every sample comes once per epoch
     full = [i for b in data.make_loader(ds2, None, 5, 0, seed=1, crop=crop, stop_step=4) for i in b['id']]
     assert sorted(full[:10]) == sorted(full[10:]) == sorted(ds2.id) and full[:10] != full[10:]
@@ -780,16 +877,19 @@ def test_rank_shares_are_disjoint_and_world_size_invariant(shard_dir):
 def test_stream_batch_format_determinism_and_resume(shard_dir):
     ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
     crop = MultiCrop()
-    run = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, stop_step=5))
+    run = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, stop_step=5, token_budget=100))
     b = run[0]
-    assert set(b) == {'views', 'labels', 'modality', 'id', 'step', 'skipped'} and b['step'] == 0 and b['skipped'] == []
-    assert len(b['views']) == 10 and all(len(vs) == 6 for vs in b['views'])
+    assert set(b) == {'packed', 'aug', 'views_per_sample', 'micro', 'labels', 'modality', 'id', 'step', 'skipped'}
+    assert b['step'] == 0 and b['skipped'] == [] and b['views_per_sample'] == 10 and len(b['micro']) > 1
+    assert b['micro'][0][0] == 0 and b['micro'][-1][1] == 6 and all(x[1] == y[0] for x, y in zip(b['micro'], b['micro'][1:]))
+    assert b['packed'].num_views == 60 and b['packed'].patches2d.dtype == torch.int8 and b['aug'].shape == (60, 4)
     assert b['modality'] == ['2d'] * 4 + ['3d'] * 2
-    assert b['views'][0][0].dim() == 3 and b['views'][0][5].dim() == 4 and b['views'][0][0].dtype == torch.float32
+    assert sample_views(b, 0)[0].patches3d.shape[0] == 0 and sample_views(b, 5)[0].patches2d.shape[0] == 0
     assert b['labels'].shape == (6, 5) and b['labels'].dtype == torch.float32 and b['labels'].isnan().any()
-    resumed = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, start_step=3, stop_step=5, workers=2))
+    resumed = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, start_step=3, stop_step=5, workers=2,
+                                    token_budget=100))
     assert [_batch_key(x) for x in resumed] == [_batch_key(x) for x in run[3:]]
-    other = next(iter(data.make_loader(ds2, ds3, 4, 2, seed=4, crop=crop, stop_step=1)))
+    other = next(iter(data.make_loader(ds2, ds3, 4, 2, seed=4, crop=crop, stop_step=1, token_budget=100)))
     assert _batch_key(other) != _batch_key(b)
     stage1 = next(iter(data.make_loader(ds2, None, 4, 0, seed=3, crop=crop, stop_step=1)))
     assert stage1['modality'] == ['2d'] * 4
@@ -797,14 +897,79 @@ def test_stream_batch_format_determinism_and_resume(shard_dir):
         data.make_loader(ds2, None, 4, 2)
 
 
+def test_loader_views_and_packing_match_a_reference(shard_dir):
+    """For a fixed seed, the loader's packed micro-batches (int8 crops cut in the worker, augmented on the
+    device) equal the reference path: the float image from ShardDataset, MultiCrop with the same seed,
+    pack_views of each sample's views and the per-view augmentation reference; cut as split_micro says."""
+    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
+    crop, seed, step, budget = MultiCrop(), 5, 1, 40
+    b = next(iter(data.make_loader(ds2, ds3, 4, 2, rank=1, world_size=2, seed=seed, crop=crop, start_step=step,
+                                   token_budget=budget, n_views=6)))
+    toks = []
+    for i in range(6):
+        m, ds, j = (0, ds2, i) if i < 4 else (1, ds3, i - 4)
+        k = (step * 2 + 1) * (4 if m == 0 else 2) + j
+        item = ds[data.stream_index(len(ds), seed, m, k)]
+        views, aug = crop(item['image'], np.random.default_rng((seed, 1, m, k)))
+        ref = pack.pack_views([torch.from_numpy(np.ascontiguousarray(v)) for v in views[:6]])
+        got, got_aug = sample_views(b, i)
+        assert b['id'][i] == item['id'] and torch.equal(got_aug, torch.from_numpy(aug[:6]))
+        for f in ('idx2d', 'idx3d', 'coords', 'cu_seqlens', 'view_ids'):
+            assert torch.equal(getattr(got, f), getattr(ref, f)), f
+        assert got.seqlens == ref.seqlens and got.grids == ref.grids and got.groups[2] == ref.groups[2]
+        for x, want in zip(per_view(got), reference_augment([np.ascontiguousarray(v) for v in views[:6]], aug[:6])):
+            np.testing.assert_allclose(x.numpy(), want, rtol=0, atol=1e-6)
+        toks.append(ref.num_tokens)
+    n = math.ceil(sum(toks) / budget)
+    assert n > 1 and [tuple(c) for c in b['micro']] == list(zip(data.split_micro(toks, n), data.split_micro(toks, n)[1:]))
+
+
+def test_micro_batches_cut_finer_without_changing_a_sample(shard_dir):
+    """A rank whose loader cut fewer micro-batches than another rank's cuts them finer in train.py; every
+    sample keeps its views, the cuts still cover the batch in order, and each slice is a valid Packed
+    (its length groups as pack_views would make them)."""
+    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
+    b = next(iter(data.make_loader(ds2, ds3, 4, 2, seed=2, crop=MultiCrop(n_global=2, n_local=2))))
+    for n in (1, 2, 4, 6):
+        micro = data.micro_batches(b, n)
+        cuts = [c for _, _, c in micro]
+        assert len(micro) == n and cuts[0][0] == 0 and cuts[-1][1] == 6 and all(x[1] == y[0] for x, y in zip(cuts, cuts[1:]))
+        for pk, aug, (a, c) in micro:
+            ref = pack.pack_views([v.float() for v in per_view_images(pk)])
+            assert [t.tolist() for t in pk.groups[:2]] == [t.tolist() for t in ref.groups[:2]] and pk.groups[2] == ref.groups[2]
+            assert torch.equal(pk.cu_seqlens, ref.cu_seqlens) and torch.equal(pk.view_ids, ref.view_ids)
+        for i in range(6):
+            (x, ax), (y, ay) = sample_views(dict(b, micro=cuts), i), sample_views(b, i)
+            assert same_views(x, y) and torch.equal(ax, ay)
+
+
+def per_view_images(pk):
+    """The views of a Packed back as images (C=1), from their patch rows (the inverse of packing)."""
+    out = []
+    for rows, (gz, gh, gw) in zip(per_view(pk), pk.grids):
+        P = 14
+        if rows.shape[1] == P * P:
+            out.append(rows.reshape(gh, gw, P, P).permute(0, 2, 1, 3).reshape(1, gh * P, gw * P))
+        else:
+            out.append(rows.reshape(gz, gh, gw, P, P, P).permute(0, 3, 1, 4, 2, 5).reshape(1, gz * P, gh * P, gw * P))
+    return out
+
+
 def test_iterate_whole(shard_dir):
     ds = ShardDataset(shard_dir)
-    seen = []
+    seen, budget = [], 12
     for r in range(2):
-        for b in data.iterate_whole(ds, batch_size=4, rank=r, world_size=2):
-            assert b['labels'].shape == (len(b['id']), 5)
-            for x, i in zip(b['image'], b['id']):
+        for b in data.iterate_whole(ds, token_budget=budget, rank=r, world_size=2):
+            pk = b['packed']
+            assert b['labels'].shape == (len(b['id']), 5) and pk.num_views == len(b['id']) and pk.patches2d.dtype == torch.int8
+            assert pk.num_tokens <= budget or pk.num_views == 1  # a larger sample goes alone
+            views = data.augment(pk, b['aug'])
+            for j, i in enumerate(b['id']):
                 full = ds[list(ds.id).index(i)]['image']
+                x = probe.whole_view(full, 14)  # the reference padding
+                ref = pack.pack_views([x])
+                got = views.slice(j, j + 1)
+                assert got.grids == ref.grids and torch.equal(per_view(got)[0], per_view(ref)[0])
                 assert all(s % 14 == 0 and S <= s < S + 14 for s, S in zip(x.shape[1:], full.shape[1:]))
                 inner = tuple(slice((s - S) // 2, (s - S) // 2 + S) for s, S in zip(x.shape[1:], full.shape[1:]))
                 assert np.array_equal(x.numpy()[(0,) + inner], full[0])  # centred, nothing lost
@@ -1473,7 +1638,6 @@ def test_whole_view_pads_to_patch_multiples():
     assert torch.equal(v3[:, 1:41, 6:21], torch.ones(1, 40, 15, 14))  # centred, content intact
     assert (v3 == -1).sum() == v3.numel() - x3.size
     assert (v2[:, :6] == -1).all() and (v2[:, 36:] == -1).all()
-    assert probe.num_tokens(v2, 14) == 6 and probe.num_tokens(v3, 14) == 6
 
 
 def tiny_world(tmp_path, seed=0):

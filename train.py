@@ -122,20 +122,6 @@ def get_lr(it: int, cfg: dict) -> float:
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * t)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-def split_micro(tokens_per_sample: list, n_micro: int) -> list:
-    """Cut samples (kept whole: L_pred needs all views of a sample) into exactly n_micro contiguous,
-    non-empty chunks of roughly equal token counts. Returns n_micro + 1 boundaries."""
-    total, bounds, acc, j = sum(tokens_per_sample), [0], 0, 1
-    for i, t in enumerate(tokens_per_sample):
-        acc += t
-        left = len(tokens_per_sample) - (i + 1)
-        if j < n_micro and (acc >= total * j / n_micro or left == n_micro - j):
-            bounds.append(i + 1)
-            j += 1
-    bounds.append(len(tokens_per_sample))
-    return bounds
-
-
 class Net(nn.Module):
     """Encoder + head in one module, so DDP averages the gradients of both. The head is the LeJEPA
     projector (lejepa.py) or, for the supervised baseline, a linear classifier over the 5 findings."""
@@ -171,6 +157,21 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_threads(local_ranks: int, print0):
+    """Ranks x threads beyond the cores slow every rank many-fold (measured: 2 ranks x 2 threads on 2
+    cores ran 8x slower). Unset OMP_NUM_THREADS: take cores // local ranks each; set: warn with the fix."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads, fair = torch.get_num_threads(), max(1, cores // local_ranks)
+    if local_ranks * threads <= cores:
+        return
+    if "OMP_NUM_THREADS" in os.environ:
+        print0(f"warning: {local_ranks} ranks x {threads} threads (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}) "
+               f"on {cores} cores: every rank runs several times slower; set OMP_NUM_THREADS={fair}")
+    else:
+        torch.set_num_threads(fair)
+        print0(f"{local_ranks} ranks on {cores} cores: {fair} torch thread(s) per rank (set OMP_NUM_THREADS to choose)")
+
+
 def save_checkpoint(obj: dict, path: str):
     """Atomic: write a temp file in the same folder, then rename over the old checkpoint. A crash or
     a full disk mid-write leaves the previous checkpoint intact."""
@@ -195,7 +196,6 @@ def main(cfg: dict):
     import data
     from lejepa import Projector, lejepa_loss
     from model import ModelConfig, SparseMedicalViT, PRESETS
-    from pack import pack_views
 
     # --- distributed: torchrun sets RANK; then init must succeed (never two silent independent runs)
     ddp = "RANK" in os.environ
@@ -213,6 +213,7 @@ def main(cfg: dict):
         rank, local_rank, world = 0, 0, 1
     master = rank == 0
     print0 = lambda *a, **k: print(*a, **k) if master else None
+    cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), print0)
     dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(f"cuda:{local_rank}" if dev == "cuda" else "cpu")
     if device.type == "cuda":
@@ -273,13 +274,15 @@ def main(cfg: dict):
     print0(encoder.describe(device, torch.bfloat16 if dt == "bfloat16" else torch.float32))
     print0(f"head: {sum(p.numel() for p in head.parameters()) / 1e6:.2f}M params ({cfg['objective']})")
 
+    # the supervised baseline sees only the global views (whole-ish images), LeJEPA all of them
+    V = cfg["n_global"] + cfg["n_local"] if cfg["objective"] == "lejepa" else cfg["n_global"]
+    # the workers crop, cut micro-batches under token_budget and pack; this process only moves them
     loader = data.make_loader(ds2d, ds3d, b2d, b3d, rank=rank, world_size=world, seed=cfg["seed"],
                               start_step=start_step, crop=crop, workers=cfg["num_workers"],
-                              skip_bad=cfg["skip_bad_samples"])
+                              skip_bad=cfg["skip_bad_samples"], n_views=V, token_budget=cfg["token_budget"],
+                              alpha=mcfg.alpha, pin_memory=device.type == "cuda")
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
-    # the supervised baseline sees only the global views (whole-ish images), LeJEPA all of them
-    V, P = (cfg["n_global"] + cfg["n_local"] if cfg["objective"] == "lejepa" else cfg["n_global"]), mcfg.patch
     pbar = None
     if master:
         from tqdm import tqdm
@@ -290,37 +293,31 @@ def main(cfg: dict):
     end = min(cfg["max_iters"], cfg["stop_at"] or cfg["max_iters"])
     while step < end:
         batch = next(it)
-        views = batch["views"]  # views[v][i]: view v of sample i
         for err in batch["skipped"]:  # only with skip_bad_samples; else the loader raised
             print(f"warning: rank {rank} step {step}: skipped a bad sample: {err}", file=sys.stderr)
         skipped += len(batch["skipped"])
-        B = len(views[0])
-        toks = [sum(views[v][i].numel() // (P ** 3 if views[v][i].dim() == 4 and views[v][i].shape[1] > 1 else P * P)
-                    for v in range(V)) for i in range(B)]
-        n_micro = torch.tensor(max(1, math.ceil(sum(toks) / cfg["token_budget"])))
+        n_micro = torch.tensor(len(batch["micro"]))
         if ddp:  # collective: every rank must run the same number of micro-batches (SIGReg all-reduces)
             dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
-        n_micro = min(int(n_micro), B)
-        bounds = split_micro(toks, n_micro)
+        micro = data.micro_batches(batch, int(n_micro))  # views of the batch; cut finer if another rank needs more
         lr = get_lr(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         terms = torch.zeros(3, device=device)
-        for m in range(n_micro):
-            idx = list(range(bounds[m], bounds[m + 1]))
-            vs = [views[v][i] for v in range(V) for i in idx]  # view-major: (V * b) views
-            packed = pack_views(vs, P, mcfg.in_chans, mcfg.alpha).to(device, non_blocking=True)
-            sync = m == n_micro - 1  # average gradients across ranks only on the last micro-batch
+        for m, (packed, aug, (a, b)) in enumerate(micro):
+            packed = packed.to(device, non_blocking=True)  # int8 patches; floats and augmentation on the device
+            packed = data.augment(packed, aug)
+            sync = m == len(micro) - 1  # average gradients across ranks only on the last micro-batch
             with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
                 emb, out = model(packed)
+                z = out.float().view(b - a, V, -1).transpose(0, 1)  # sample-major views -> (V, b, K), global first
                 if cfg["objective"] == "lejepa":
-                    z = out.float().view(V, len(idx), -1)  # (V, b, K), global views first
                     loss, pred, sig = lejepa_loss(z, n_global=cfg["n_global"], lam=cfg["lam"],
                                                   num_slices=cfg["num_slices"], step=step)
                 else:
-                    loss, pred, sig = supervised_loss(out.float().view(V, len(idx), -1), batch["labels"][idx].to(device))
-                (loss / n_micro).backward()
-            terms += torch.stack([loss.detach(), pred.detach(), sig.detach()]) / n_micro
+                    loss, pred, sig = supervised_loss(z, batch["labels"][a:b].to(device))
+                (loss / len(micro)).backward()
+            terms += torch.stack([loss.detach(), pred.detach(), sig.detach()]) / len(micro)
             tok_acc += packed.num_tokens
             views_acc += packed.num_views
         if ddp:  # collective: the logged and checked loss is the mean over ranks
@@ -346,7 +343,7 @@ def main(cfg: dict):
                    else __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2 ** 20)
             rec = dict(step=step, loss=loss_v, pred=pred_v, sigreg=sig_v, lr=lr, grad_norm=float(gnorm),
                        tok_s=counts[0].item() / dt_s, views_s=counts[1].item() / dt_s,
-                       step_ms=1000 * dt_s / steps_acc, mem_gib=mem, n_micro=n_micro, skipped=int(counts[2]))
+                       step_ms=1000 * dt_s / steps_acc, mem_gib=mem, n_micro=len(micro), skipped=int(counts[2]))
             second = "sigreg" if cfg["objective"] == "lejepa" else "bce"
             line = (f"step {step}/{cfg['max_iters']} | loss {loss_v:.4f} | pred {pred_v:.4f} | {second} {sig_v:.4f} | "
                     f"lr {lr:.2e} | gnorm {float(gnorm):.3f} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
