@@ -50,8 +50,8 @@ LABELS = data.LABELS  # ('ATEL', 'CARD', 'CONS', 'LO', 'EFF')
 VERSION = 2  # bump when the generator changes: make() refuses to mix versions in one folder
 
 # default sizes: test sets of >= 1000 2D and 500 3D samples give macro-AUROC standard errors ~0.02
-N2D = (3000, 300, 1000)  # (train, val, test) radiographs
-N3D = (1000, 150, 500)   # (train, val, test) CT volumes
+N2D = (2400, 300, 1000)  # (train, val, test) radiographs
+N3D = (800, 150, 500)    # (train, val, test) CT volumes
 # Long sides are smaller than the paper's 224 / 112: this is the CPU quick-start world. With patch 14
 # a whole radiograph is ~6x8 = 47 tokens and a CT ~4x3x5 = 53 (paper: ~256 and ~512), and a 3D sample
 # stays ~190 KB on disk (int8), so the default world is ~350 MB. A lesion still spans 1-2 patches.
@@ -188,7 +188,7 @@ def volume(rng, findings, spacing_zyx=None):
     fov_z = 295.0                 # a fixed field of view, 295 x 370 x 270 mm (z, x, y), as a fixed
     mx, my = 185.0 - bw, 135.0 - bd  # scan protocol gives: the air margins vary with the body
     ox, oy = u(-1, 1) * (mx - 4), u(-1, 1) * (my - 4)  # the patient is not centred on the table,
-    dz = u(-18, 18)               # nor at the same place along it: findings move on a fixed pixel grid
+    dz = u(-25, 25)               # nor at the same place along it: findings move on a fixed pixel grid
     if spacing_zyx is None:
         sxy = u(*SPACING_3D_XY)
         spacing_zyx = (u(*SPACING_3D_Z), sxy, sxy)

@@ -40,7 +40,8 @@ n_local = 8                   # local views per sample (paper: 8)
 global_scale = (0.3, 1.0)     # global view size, fraction of image area (2D) or volume (3D) (paper)
 local_scale = (0.05, 0.3)     # local view size (paper)
 view_zoom = (1.0, 1.0)        # per-view resampling factor range (1, 1 = native resolution, no resize); data.MultiCrop
-view_intensity = (0.1, 0.2, 0.02)  # per-view (brightness, contrast, noise sd) jitter, images in [-1, 1]; data.MultiCrop
+view_intensity = (0.2, 0.4, 0.04)  # per-view (brightness, contrast, noise sd) jitter, images in [-1, 1]; strong,
+                              # so two views match by structure, not by intensity statistics (RESULTS.md)
 num_workers = 1               # DataLoader worker processes per rank (one keeps up on CPU; GPUs: see README)
 skip_bad_samples = False      # a sample that fails to read (truncated/corrupt shard) stops the run; True: it is
                               # replaced by the next readable one, with a warning and a count in the log
