@@ -54,7 +54,7 @@ N2D = (2400, 300, 1000)  # (train, val, test) radiographs
 N3D = (800, 150, 500)    # (train, val, test) CT volumes
 # Long sides are smaller than the paper's 224 / 112: this is the CPU quick-start world. With patch 14
 # a whole radiograph is ~6x8 = 47 tokens and a CT ~4x3x5 = 53 (paper: ~256 and ~512), and a 3D sample
-# stays ~190 KB on disk (int8), so the default world is ~350 MB. A lesion still spans 1-2 patches.
+# stays ~190 KB on disk (int8), so the default world is ~310 MB. A lesion spans 1-3 patches.
 LONG_SIDE_2D = 112
 LONG_SIDE_3D = 70
 NAN_FRACTION_2D = 0.03  # share of 2D labels hidden as unknown (NaN), as in CheXpert-labelled data

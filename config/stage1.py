@@ -9,6 +9,7 @@ preset = "small"       # ViT-S/14 (the paper does not name the size; see README)
 proj_hidden = 2048     # LeJEPA projector: 2 hidden layers of 2048, output 128
 lam = 0.025            # paper
 learning_rate = 1e-4   # paper
+view_intensity = (0.1, 0.2, 0.02)  # not stated in the paper; milder than the phantom main job's (RESULTS.md)
 min_lr = 1e-6
 warmup_iters = 1000
 max_iters = 50000      # not stated in the paper; ~96 epochs of 133,749 images at batch 256
