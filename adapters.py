@@ -17,7 +17,7 @@ Radiographs stay as stored: rows superior -> inferior, columns patient right -> 
 Anything unusable raises BadInput(reason), which the runner skips and counts (README: the table of
 refused inputs); a record with an 'error' key (e.g. no label row) fails the same way when loaded.
 
-Layouts, column names and their sources: ../shared/DATASETS.md. Commands: README, "Real data".
+Layouts, column names and their sources: ../shared/DATASETS.md. Commands and pitfalls: DATA.md, "Real data".
 Pillow, pydicom and nibabel are optional extras, imported inside the functions that need them.
 """
 
@@ -77,7 +77,7 @@ def _glob(root, pattern, required=False):
     """Matches in root and up to two folders down (the CSVs of a data set sit near its top)."""
     hits = sorted(p for d in ('', '*', '*/*') for p in glob.glob(os.path.join(root, d, pattern)))
     if required and not hits:
-        raise FileNotFoundError(f'{root}: no file matching {pattern}; see README "Real data" for the layout')
+        raise FileNotFoundError(f'{root}: no file matching {pattern}; see DATA.md "Real data" for the layout')
     return hits
 
 

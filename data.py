@@ -30,7 +30,7 @@ Shard layout (one HDF5 file per shard, FORMAT_VERSION 1; every sample of a shard
     spacing  float32 (N, 3)         mm per stored voxel (z, y, x); NaN where the source does not say
     id, patient_id, study_id, modality ('2d'|'3d'), split ('train'|'val'|'test')   str (N,)
 int8 is 4x smaller than float32 and 2x than float16; its step is 1/127 (9.8 HU in the CT window, half a
-grey level of an 8-bit JPEG), below CT noise. See README for the measured footprint and loader speed.
+grey level of an 8-bit JPEG), below CT noise. See DATA.md for the measured footprint and loader speed.
 
 Canonical 3D orientation (every adapter and the phantom agree): Z = axial slices inferior -> superior,
 H = anterior -> posterior, W = patient right -> left.
@@ -64,7 +64,7 @@ LONG_SIDE = {'2d': 224, '3d': 112}   # paper 2.4: long side after resizing
 SHARD_SIZE = {'2d': 1024, '3d': 64}  # samples per shard: ~50 MB of 2D, ~60 MB of 3D at the paper's sizes
 CT_WINDOW = (2500.0, 250.0)          # (width, level) in HU, paper 2.4: [-1000, 1500] -> [-1, 1]
 SPLITS = ('train', 'val', 'test')
-COMPRESSION = None     # or 'lzf' (built into h5py): 3D shards ~30% smaller, 3D reads ~1-5 ms slower (README)
+COMPRESSION = None     # or 'lzf' (built into h5py): 3D shards ~30% smaller, 3D reads ~1-5 ms slower (DATA.md)
 Q = 127.0              # int8 quantisation: q = rint(x * Q); symmetric so -1, 0 and 1 are exact
 
 
