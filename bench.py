@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import phantom
 from lejepa import Projector, lejepa_loss
 from model import ModelConfig, SparseMedicalViT, PRESETS
 from rope3d import apply_rope_cs, rope_cos_sin
@@ -185,7 +186,7 @@ def main(cfg):
     dev = torch.device("cuda" if (cfg["device"] == "auto" and torch.cuda.is_available()) or cfg["device"] == "cuda" else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    data.ensure_phantom(cfg["data_dir"])  # generated on first use, finished if interrupted
+    phantom.ensure(cfg["data_dir"])  # generated on first use, finished if interrupted
     ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d")
     ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d")
     crop = data.MultiCrop()

@@ -6,7 +6,6 @@ Data: preprocessing into HDF5 shards, the shard reader, multi-crop views and the
     preprocess_records(records, load_fn, out_dir, prefix)   parallel load + preprocess -> shards + report
                                         (report.json: per data set, "complete": false until its run ends)
     check_complete(path_or_glob)        ShardError naming a data set whose preprocessing run was interrupted
-    ensure_phantom(data_dir)            the phantom world on first use, finished if its generation was interrupted
     ShardDataset(path_or_glob, split, modality)             lazy reader, item = dict(image, labels, ...)
     MultiCrop(...)(image, rng)          crops of V_g global + V_l local views, patch-snapped, no resize, and
                                         their per-view intensity augmentation (2.2, 2.4)
@@ -265,24 +264,6 @@ def check_complete(path_or_glob):
                                  f"(report.json: \"complete\": false), so some of its shards are missing. Resume it with "
                                  f"`{rep.get('command', f'python data.py {prefix} --root R --out {folder}')}` "
                                  f"(finished shards are kept)")
-
-
-def ensure_phantom(data_dir, workers=None):
-    """What train.py, probe.py and bench.py do first (rank 0): generate the phantom world in data_dir when the
-    folder holds no shards and no report of another data set, and finish one whose generation was interrupted
-    (phantom.json "complete": false; finished shards are kept). A complete world or real data: left alone."""
-    try:
-        with open(os.path.join(data_dir, 'phantom.json')) as f:
-            interrupted = not json.load(f).get('complete')
-    except (OSError, ValueError, AttributeError):
-        interrupted = False
-    if not interrupted and (has_shards(data_dir) or _read_report(data_dir)):
-        return
-    print(f"{data_dir}: " + ("its phantom world was interrupted (phantom.json: \"complete\": false): finishing it"
-                             if interrupted else "no shards: generating the phantom world there")
-          + f" (python data.py phantom --out {data_dir})")
-    import phantom  # lazily: only when there is a world to make
-    phantom.resume(data_dir, workers=workers)
 
 
 def _prepare_one(load_fn, long_side, rec):

@@ -29,7 +29,7 @@ H = anterior -> posterior, W = patient right -> left. A 2D radiograph is display
 rows superior -> inferior, columns patient right -> left (the patient faces the viewer).
 
 Usage: python data.py phantom --out data/phantom   (train.py, probe.py and bench.py make it on first use,
-and finish an interrupted one: data.ensure_phantom)
+and finish an interrupted one: ensure)
 """
 
 import json
@@ -370,9 +370,26 @@ def make(out_dir, seed=0, n2d=N2D, n3d=N3D, long_side_2d=LONG_SIDE_2D, long_side
     return done
 
 
+def ensure(data_dir, workers=None):
+    """What train.py, probe.py and bench.py do first (rank 0): generate the phantom world in data_dir when the
+    folder holds no shards and no report of another data set, and finish one whose generation was interrupted
+    (phantom.json "complete": false; finished shards are kept). A complete world or real data: left alone."""
+    try:
+        with open(os.path.join(data_dir, 'phantom.json')) as f:
+            interrupted = not json.load(f).get('complete')
+    except (OSError, ValueError, AttributeError):
+        interrupted = False
+    if not interrupted and (data.has_shards(data_dir) or data._read_report(data_dir)):
+        return
+    print(f"{data_dir}: " + ("its phantom world was interrupted (phantom.json: \"complete\": false): finishing it"
+                             if interrupted else "no shards: generating the phantom world there")
+          + f" (python data.py phantom --out {data_dir})")
+    resume(data_dir, workers=workers)
+
+
 def resume(out_dir, workers=None):
     """make() with the config recorded in out_dir/phantom.json, so an interrupted world is finished as it was
-    started (python data.py phantom; data.ensure_phantom); a new folder gets the defaults."""
+    started (python data.py phantom; ensure); a new folder gets the defaults."""
     marker = os.path.join(out_dir, 'phantom.json')
     cfg = {}
     if os.path.exists(marker):

@@ -393,13 +393,14 @@ def load_encoders(cfg, dev):
 
 def main(cfg: dict):
     import data
+    import phantom
     lps = [lp.strip() for lp in cfg["lp_data"].split(",") if lp.strip()]
     if not lps or set(lps) - set(LP_DATA):
         raise ValueError(f"--lp_data={cfg['lp_data']!r}: expected a comma-separated subset of {', '.join(LP_DATA)}")
     dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     encoders, ck = load_encoders(cfg, dev)
     data_dir = cfg["data_dir"] or ck["config"]["data_dir"]
-    data.ensure_phantom(data_dir)  # as train.py: the phantom world is made on first use, finished if interrupted
+    phantom.ensure(data_dir)  # as train.py: the phantom world is made on first use, finished if interrupted
     sets = find_sets(data_dir, external=False)
     if cfg["external_dir"]:
         sets.update(find_sets(cfg["external_dir"], external=True))

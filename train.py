@@ -195,6 +195,7 @@ def save_checkpoint(obj: dict, path: str):
 
 def main(cfg: dict):
     import data
+    import phantom
     from lejepa import Projector, lejepa_loss
     from model import ModelConfig, SparseMedicalViT, PRESETS
 
@@ -260,7 +261,7 @@ def main(cfg: dict):
 
     # --- data: rank 0 generates the phantom world on first use (or finishes an interrupted one) while the others wait
     if master:
-        data.ensure_phantom(cfg["data_dir"])
+        phantom.ensure(cfg["data_dir"])
     if ddp:
         dist.barrier()  # collective: every rank waits for the data
     ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d") if b2d else None
