@@ -31,7 +31,12 @@ import re
 
 import numpy as np
 
-from data import LABELS, BadInput
+LABELS = ('ATEL', 'CARD', 'CONS', 'LO', 'EFF')  # Atelectasis, Cardiomegaly, Consolidation, Lung Opacity, Pleural Effusion
+
+
+class BadInput(ValueError):
+    """An input that cannot become a sample (corrupt, NaN, constant, too small, ...). The message is the
+    human reason; data.preprocess_records skips the sample and lists it in its report."""
 
 
 CANONICAL = ('S', 'P', 'L')  # nibabel axis codes of (Z, H, W): inferior->superior, A->P, R->L

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import phantom
+import views
 from lejepa import Projector, lejepa_loss
 from model import ModelConfig, SparseMedicalViT, PRESETS
 from rope3d import apply_rope_cs, rope_cos_sin
@@ -105,7 +105,7 @@ def reference_batch(ds2d, ds3d, n2d, n3d, crop, seed, dev):
     """A realistic mixed batch from the real loader as one packed micro-batch on dev, augmented there;
     views sample-major, so embeddings reshape to (B, V, ...). Returns (packed, V)."""
     b = next(iter(data.make_loader(ds2d, ds3d, n2d, n3d, seed=seed, crop=crop, stop_step=1)))
-    return data.augment(b["packed"].to(dev), b["aug"]), b["views_per_sample"]
+    return views.augment(b["packed"].to(dev), b["aug"]), b["views_per_sample"]
 
 
 def packed_bytes(p) -> int:
@@ -128,7 +128,7 @@ def host(cfg, dev, sync) -> dict:
                 image=rng.integers(-127, 128, shape, dtype=np.int8), labels=np.zeros(5, np.float32), id=f"{mod}{i}",
                 patient_id=f"{mod}{i}", study_id=f"{mod}{i}", modality=mod, split="train") for i in range(n)])
         ds2d, ds3d = (data.ShardDataset(tmp, modality=m) for m in ("2d", "3d"))
-        loader = data.make_loader(ds2d, ds3d, cfg["host_2d"], cfg["host_3d"], crop=data.MultiCrop(), workers=1,
+        loader = data.make_loader(ds2d, ds3d, cfg["host_2d"], cfg["host_3d"], crop=views.MultiCrop(), workers=1,
                                   token_budget=cfg["host_token_budget"], pin_memory=dev.type == "cuda")
         it = iter(loader)
         next(it)  # warm-up: the worker starts
@@ -155,7 +155,7 @@ def host(cfg, dev, sync) -> dict:
             cpu.append(time.thread_time() - c1)
             t = time.perf_counter()
             for pk, aug in micro:
-                data.augment(pk, aug)
+                views.augment(pk, aug)
             sync()
             prep.append(time.perf_counter() - t)
             nbytes.append(sum(packed_bytes(pk) + aug.nbytes for pk, aug in micro))
@@ -186,10 +186,10 @@ def main(cfg):
     dev = torch.device("cuda" if (cfg["device"] == "auto" and torch.cuda.is_available()) or cfg["device"] == "cuda" else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    phantom.ensure(cfg["data_dir"])  # generated on first use, finished if interrupted
+    data.ensure_phantom(cfg["data_dir"])  # generated on first use, finished if interrupted
     ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d")
     ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d")
-    crop = data.MultiCrop()
+    crop = views.MultiCrop()
     out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu x{cfg['threads']} threads",
            "torch": str(torch.__version__), "preset": cfg["preset"]}
 

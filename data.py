@@ -1,44 +1,28 @@
 """
-Data: preprocessing into HDF5 shards, the shard reader, multi-crop views and the mixed 2D/3D stream
-(paper sections 2.1.2, 2.3, 2.4).
+Data (paper 2.3, 2.4): records and raw images (adapters.py, phantom.py) -> preprocessed HDF5 shards ->
+the mixed 2D/3D stream of cropped, packed steps. Reference, measurements and pitfalls: DATA.md.
 
-    preprocess_xray / preprocess_ct    raw image -> float32 (1, H, W) / (1, Z, H, W) in [-1, 1] (paper 2.4)
-    preprocess_records(records, load_fn, out_dir, prefix)   parallel load + preprocess -> shards + report
-                                        (report.json: per data set, "complete": false until its run ends)
-    check_complete(path_or_glob)        ShardError naming a data set whose preprocessing run was interrupted
+    preprocess_xray / preprocess_ct     raw image -> float32 (1, H, W) / (1, Z, H, W) in [-1, 1]
+    preprocess_records(records, load_fn, out_dir, prefix)   parallel load + preprocess -> shards + report.json
+                                        (per data set, "complete": false until its run ends)
+    make_phantom(out_dir), ensure_phantom(data_dir)         the phantom world, through that same path
     ShardDataset(path_or_glob, split, modality)             lazy reader, item = dict(image, labels, ...)
-    MultiCrop(...)(image, rng)          crops of V_g global + V_l local views, patch-snapped, no resize, and
-                                        their per-view intensity augmentation (2.2, 2.4)
-    augment(packed, aug)                that augmentation, on the packed int8 views, on the device
-    make_loader(ds2d, ds3d, b2d, b3d, rank, world_size, seed, start_step, crop, workers, token_budget)
-                                        mixed stream (2.3): packed steps, built in the workers
+    make_loader(ds2d, ds3d, b2d, b3d, ...)   the stream: a DataLoader worker reads int8 samples, crops them
+                                        (views.MultiCrop), cuts micro-batches under token_budget and packs
+                                        the step into shared memory; the training process only moves it
     micro_batches(batch, n)             a step's micro-batches, as views (cut finer to n if asked)
     iterate_whole(ds, token_budget)     one pass over a split, whole images, packed, for the linear probe
 
-Where the work runs: a DataLoader worker reads int8 samples, cuts the crops, chooses the micro-batch
-cuts under token_budget and packs the step (pack.pack_arrays: one copy of the int8 voxels, into shared
-memory); the training process only slices it into micro-batches (views, micro_batches) and moves them
-to the device (pinned, non_blocking), where augment() makes floats of them.
-
-Shard layout (one HDF5 file per shard, FORMAT_VERSION 1; every sample of a shard shares split+modality):
-    attrs    format_version, labels (LABELS), command (how to rebuild), records_sha, long_side, failures (json)
-    image    int8 (sum of voxels,)  all images flattened back to back; value q means q / 127 in [-1, 1]
-    offset   int64 (N+1,)           sample i is image[offset[i]:offset[i+1]]
-    shape    int32 (N, 3)           (Z, H, W); Z = 1 for 2D
-    labels   float32 (N, 5)         LABELS order, 1 positive, 0 negative, NaN unknown/uncertain
-    spacing  float32 (N, 3)         mm per stored voxel (z, y, x); NaN where the source does not say
-    id, patient_id, study_id, modality ('2d'|'3d'), split ('train'|'val'|'test')   str (N,)
-int8 is 4x smaller than float32 and 2x than float16; its step is 1/127 (9.8 HU in the CT window, half a
-grey level of an 8-bit JPEG), below CT noise. See DATA.md for the measured footprint and loader speed.
-
-Canonical 3D orientation (every adapter and the phantom agree): Z = axial slices inferior -> superior,
-H = anterior -> posterior, W = patient right -> left.
+A shard (FORMAT_VERSION 1) holds samples of one split and modality: `image` int8, all images back to
+back (q means q / 127 in [-1, 1]: 9.8 HU in the CT window, below CT noise), `offset` (N+1,), `shape`
+(N, 3) (Z, H, W; Z = 1 for 2D), `crc32`, `labels` (N, 5) in LABELS order (NaN unknown), `spacing`
+(N, 3) mm per voxel (z, y, x), str columns id, patient_id, study_id, modality, split, and the attrs
+format_version, labels, command (how to rebuild), records_sha, long_side, failures.
 
 Usage: python data.py <name> --root R --out O [--workers N]     (python data.py phantom --out data/phantom)
 """
 
 import argparse
-import dataclasses
 import glob
 import hashlib
 import json
@@ -46,6 +30,7 @@ import math
 import multiprocessing as mp
 import os
 import sys
+import time
 import zlib
 from functools import partial
 
@@ -54,22 +39,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pack import Packed, pack_arrays
+import adapters
+import phantom
+from adapters import LABELS, BadInput
+from pack import PATCH, Q, pack_arrays
+from views import MultiCrop
 
-LABELS = ('ATEL', 'CARD', 'CONS', 'LO', 'EFF')  # Atelectasis, Cardiomegaly, Consolidation, Lung Opacity, Pleural Effusion
 FORMAT_VERSION = 1     # bump when the shard layout changes; readers refuse other versions
-PATCH = 14             # patch size of the encoder (paper 2.1.1); the smallest usable image side
 LONG_SIDE = {'2d': 224, '3d': 112}   # paper 2.4: long side after resizing
 SHARD_SIZE = {'2d': 1024, '3d': 64}  # samples per shard: ~50 MB of 2D, ~60 MB of 3D at the paper's sizes
 CT_WINDOW = (2500.0, 250.0)          # (width, level) in HU, paper 2.4: [-1000, 1500] -> [-1, 1]
 SPLITS = ('train', 'val', 'test')
 COMPRESSION = None     # or 'lzf' (built into h5py): 3D shards ~30% smaller, 3D reads ~1-5 ms slower (DATA.md)
-Q = 127.0              # int8 quantisation: q = rint(x * Q); symmetric so -1, 0 and 1 are exact
-
-
-class BadInput(ValueError):
-    """An input that cannot become a sample (corrupt, NaN, constant, too small, ...). The message is the
-    human reason; preprocess_records skips the sample and lists it in its report."""
 
 
 class ShardError(RuntimeError):
@@ -200,14 +181,25 @@ def write_shard(path, samples: list, meta: dict | None = None):
     os.replace(tmp, path)
 
 
-def _read_report(folder) -> dict:
-    """folder/report.json ({data set prefix: report of its last preprocessing run}), or {} if unreadable."""
+def _read_json(path) -> dict:
+    """The dict in a JSON file, or {} if it is missing, unreadable or holds something else."""
     try:
-        with open(os.path.join(folder, 'report.json')) as f:
-            reps = json.load(f)
-        return reps if isinstance(reps, dict) else {}
+        with open(path) as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _write_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)  # never half-written
+
+
+def _read_report(folder) -> dict:
+    """folder/report.json: {data set prefix: report of its last preprocessing run}."""
+    return _read_json(os.path.join(folder, 'report.json'))
 
 
 def _rebuild_hint(path) -> str:
@@ -412,12 +404,7 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
 
 
 def _save_report(out_dir, prefix, rep):
-    path = os.path.join(out_dir, 'report.json')
-    all_reps = _read_report(out_dir)
-    all_reps[prefix] = rep
-    with open(path + '.tmp', 'w') as f:
-        json.dump(all_reps, f, indent=1)
-    os.replace(path + '.tmp', path)
+    _write_json(os.path.join(out_dir, 'report.json'), dict(_read_report(out_dir), **{prefix: rep}))
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -498,130 +485,6 @@ class ShardDataset(torch.utils.data.Dataset):
         return dict(image=img, labels=self.labels[i].copy(), modality=str(self.modality[i]), id=str(self.id[i]),
                     patient_id=str(self.patient_id[i]), study_id=str(self.study_id[i]), split=str(self.split[i]),
                     spacing=self.spacing[i].copy())
-
-
-# ----------------------------------------------------------------------------- views (paper 2.2, 2.4)
-
-NOISE_SIZE = 1 << 22  # standard normals in the fixed noise table (16 MB), see augment
-_NOISE = {}  # device -> that table, made on first use there
-
-
-def noise_table(device) -> torch.Tensor:
-    """The fixed table of NOISE_SIZE standard normals on `device` (the same numbers everywhere)."""
-    if str(device) not in _NOISE:
-        t = np.random.default_rng(12345).standard_normal(NOISE_SIZE, dtype=np.float32)
-        _NOISE[str(device)] = torch.from_numpy(t).to(device)
-    return _NOISE[str(device)]
-
-
-class MultiCrop:
-    """V_g global + V_l local crops of one image (1, H, W) or volume (1, Z, H, W); global views first.
-
-    One code path for 2D and 3D: the d spatial axes (d = 2 or 3) are treated alike. A view covers a
-    fraction `scale` of the image's area (2D) or volume (3D), drawn uniformly from the range, with a
-    random aspect: each axis is stretched by exp(u_k), u_k ~ U(-log(a)/2, log(a)/2) recentred so the
-    stretches multiply to 1; so the side ratio of any two axes, relative to the image's own, lies in
-    `aspect` = (1/a, a). Sides are snapped to whole patches (>= 1 patch, <= what fits); a draw whose
-    snapped scale leaves the range is redrawn (up to `tries`, then the closest is kept). No resize: a
-    view keeps the native resolution, so the token count varies (the point of packing, 2.1.2).
-
-    Intensity augmentation, drawn independently PER VIEW (so it is a nuisance no two views share, and
-    crop-invariance cannot reward it; issue 6): contrast x(1 +- contrast) about the view's mean,
-    brightness +- brightness, Gaussian noise with sigma ~ U(0, noise); then clip to [-1, 1]. In CT
-    units 0.1 is 125 HU and 0.02 is 25 HU, about scanner noise. Only the parameters are drawn here;
-    augment() applies them to the packed views, on the device (the loader ships int8 crops).
-    Zoom (off by default): each view shows a region of its size / z, resampled (bi/trilinear) to its
-    size, z ~ exp(U(log zoom)) per view: a scale no two views share, so crop-invariance cannot reward
-    per-patient scale (body size, rib pitch, pixel spacing). A region that would exceed the image is
-    clipped to it (less zoom out on that axis).
-    No flips: chest anatomy is lateralised (heart and aortic arch left, liver right); a flipped chest is
-    dextrocardia, a real finding, and cardiomegaly is judged from the heart's left-sided bulge. No
-    rotations either: orientation is canonical for every source (see the module docstring)."""
-
-    def __init__(self, n_global=2, n_local=8, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
-                 aspect=(3 / 4, 4 / 3), patch=PATCH, brightness=0.1, contrast=0.2, noise=0.02, zoom=(1.0, 1.0),
-                 tries=10):
-        assert 0 < global_scale[0] <= global_scale[1] and 0 < local_scale[0] <= local_scale[1]
-        assert 0 < aspect[0] <= 1 <= aspect[1] and 0 < zoom[0] <= zoom[1]
-        self.n_global, self.n_local, self.patch, self.tries = n_global, n_local, patch, tries
-        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        self.log_aspect = math.log(aspect[1] / aspect[0]) / 2  # half-width of each axis's log-stretch
-        self.brightness, self.contrast, self.noise, self.log_zoom = brightness, contrast, noise, np.log(zoom)
-
-    def size(self, spatial, scale, rng) -> tuple:
-        """Patch-snapped view size for an image of spatial shape (H, W) or (Z, H, W)."""
-        d, p = len(spatial), self.patch
-        fit = [s // p for s in spatial]  # whole patches that fit per axis
-        assert min(fit) >= 1, f"image {spatial} smaller than one {p}-pixel patch (preprocessing should refuse it)"
-        best = None
-        for _ in range(self.tries):
-            s = rng.uniform(*scale)
-            u = rng.uniform(-self.log_aspect / 2, self.log_aspect / 2, d).tolist()  # python floats: 2x faster here
-            stretch = [math.exp(x - sum(u) / d) for x in u]
-            n = [min(max(1, round(S * s ** (1 / d) * r / p)), f) for S, r, f in zip(spatial, stretch, fit)]
-            real = math.prod(n) * p ** d / math.prod(spatial)
-            err = max(scale[0] - real, real - scale[1], 0.0)
-            if best is None or err < best[0]:
-                best = (err, n)
-            if err == 0:
-                break
-        return tuple(k * p for k in best[1])
-
-    def __call__(self, image: np.ndarray, rng: np.random.Generator):
-        """(crops, aug) of the views of image, all drawn from rng. crops[v]: (1, h, w) or (1, z, h, w), a
-        sub-block of image in its own dtype (int8 q = 127 x from ShardDataset.read, or float), float32 in
-        [-1, 1] when zoom resamples; aug: (V, 4) float64 rows (contrast c, brightness b, noise sd, noise
-        row) for augment()."""
-        spatial = image.shape[1:]  # (H, W) or (Z, H, W)
-        zoom = self.log_zoom[1] > self.log_zoom[0]
-        if zoom and image.dtype == np.int8:
-            image = image / np.float32(Q)  # resampling needs floats; then every view is float
-        crops, aug = [], []
-        for v in range(self.n_global + self.n_local):
-            size = self.size(spatial, self.global_scale if v < self.n_global else self.local_scale, rng)
-            z = math.exp(rng.uniform(*self.log_zoom)) if zoom else 1.0
-            src = [min(S, max(1, round(s / z))) for S, s in zip(spatial, size)]  # region shown at size
-            corner = [rng.integers(0, S - s + 1) for S, s in zip(spatial, src)]
-            crop = image[(slice(None),) + tuple(slice(a, a + s) for a, s in zip(corner, src))]
-            if list(src) != list(size):  # zoom: the region resampled to the patch-snapped size
-                crop = F.interpolate(torch.from_numpy(np.ascontiguousarray(crop))[None], size=size,
-                                     mode="bilinear" if len(size) == 2 else "trilinear", align_corners=False)[0].numpy()
-            crops.append(crop)  # a view of the image (no copy) unless resampled
-            c = 1.0 + rng.uniform(-self.contrast, self.contrast)
-            b = rng.uniform(-self.brightness, self.brightness)
-            sd = rng.uniform(0, self.noise)
-            rows = NOISE_SIZE // (self.patch ** len(spatial))  # the noise table as rows of one patch
-            aug.append((c, b, sd, rng.integers(0, rows) if sd > 0 else 0))
-        return crops, np.array(aug, np.float64)
-
-
-@torch.no_grad()
-def augment(packed: Packed, aug: torch.Tensor) -> Packed:
-    """MultiCrop's intensity augmentation, applied to packed views where they are: the same code on CPU
-    and CUDA tensors (tested equal), a few batched ops however many views. Patches (int8 q = 127 x, or
-    float x) -> float32 clip(c x + (1 - c) mean_v(x) + b + sd * noise, -1, 1), (c, b, sd, row) = aug[v].
-    A view's noise is its tokens' rows of the fixed table seen as (rows, voxels of a patch), from `row`
-    on (wrapping), in patch order: i.i.d. normals, unrelated between views, one gather per batch;
-    drawing fresh normals cost 14 ms per 3D view on a CPU. Pass aug on the host: it is checked there."""
-    dev, N, noisy = packed.coords.device, packed.num_views, bool((aug[:, 2] > 0).any())
-    c, b, sd, row = aug.to(dev, torch.float64, non_blocking=True).unbind(1)  # (N,) each
-    pos = torch.arange(packed.num_tokens, device=dev) - packed.cu_seqlens[:-1].long()[packed.view_ids]  # (S,) in its view
-    sums, count = torch.zeros(N, dtype=torch.float64, device=dev), torch.zeros(N, dtype=torch.float64, device=dev)
-    for p, idx in ((packed.patches2d, packed.idx2d), (packed.patches3d, packed.idx3d)):
-        q = p.dtype == torch.int8  # int8 sums are exact (so equal on every device), float ones nearly so
-        sums.index_add_(0, packed.view_ids[idx], p.sum(1, dtype=torch.int32 if q else torch.float32).double() / (Q if q else 1))
-        count.index_add_(0, packed.view_ids[idx], torch.full_like(idx, p.shape[1], dtype=torch.float64))
-    shift = ((sums / count.clamp(min=1)) * (1 - c) + b).float()  # contrast about the view's mean, then brightness
-    c, sd, out = c.float(), sd.float(), []
-    for p, idx in ((packed.patches2d, packed.idx2d), (packed.patches3d, packed.idx3d)):
-        vid, K = packed.view_ids[idx], p.shape[1]
-        x = p.float().div_(Q) if p.dtype == torch.int8 else p.float().clone()  # (S_d, K), in place from here
-        x.mul_(c[vid, None]).add_(shift[vid, None])
-        if noisy:
-            table = noise_table(dev)[:NOISE_SIZE // K * K].view(-1, K)  # (rows, K)
-            x.add_(table[(row.long()[vid] + pos[idx]) % table.shape[0]].mul_(sd[vid, None]))
-        out.append(x.clamp_(-1.0, 1.0))
-    return dataclasses.replace(packed, patches2d=out[0], patches3d=out[1])
 
 
 # ----------------------------------------------------------------------------- mixed 2D/3D stream (paper 2.3)
@@ -791,10 +654,58 @@ def iterate_whole(ds: 'ShardDataset', token_budget: int, rank: int = 0, world_si
                                        num_workers=workers, pin_memory=pin_memory)
 
 
+# ----------------------------------------------------------------------------- the phantom world (phantom.py)
+
+def make_phantom(out_dir, workers=None, **config):
+    """The phantom world (phantom.records and phantom.load) into out_dir through preprocess_records, the
+    real-data path. config: seed, n2d, n3d, long_side_2d, long_side_3d; one not given is the value
+    out_dir/phantom.json recorded when the world was started (an interrupted world is finished as it was
+    started), else phantom.py's default. A complete world is skipped, one of another config refused."""
+    marker = os.path.join(out_dir, 'phantom.json')
+    done = _read_json(marker)
+    cfg = dict(seed=0, n2d=list(phantom.N2D), n3d=list(phantom.N3D), long_side_2d=phantom.LONG_SIDE_2D,
+               long_side_3d=phantom.LONG_SIDE_3D)
+    cfg.update({k: v for k, v in done.get('config', {}).items() if k != 'version'})
+    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}, version=phantom.VERSION)
+    if done and done['config'] != cfg:
+        raise ValueError(f"{marker}: this folder holds a phantom world made with {done['config']}, not "
+                         f"{cfg}; delete {out_dir} or pass another --out")
+    if done.get('complete'):
+        print(f"phantom world in {out_dir} is complete ({marker}): skipping")
+        return done
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(marker, dict(config=cfg, complete=False))
+    t0 = time.time()
+    rep = preprocess_records(phantom.records(cfg['seed'], cfg['n2d'], cfg['n3d']), phantom.load, out_dir, 'phantom',
+                             workers=workers, long_side={'2d': cfg['long_side_2d'], '3d': cfg['long_side_3d']},
+                             command=f"python data.py phantom --out {out_dir}")
+    if rep['failed']:  # every phantom is valid by construction: a failure is a bug, never a skip
+        raise RuntimeError(f"phantom: {rep['failed']} samples failed, e.g. {rep['failures'][0]}")
+    nbytes = sum(os.path.getsize(f) for f in _find_shards(out_dir))
+    done = dict(config=cfg, complete=True, seconds=round(time.time() - t0, 1), bytes=nbytes,
+                written=rep['written'], skipped=rep['skipped'])
+    _write_json(marker, done)
+    print(f"phantom world: {rep['written'] + rep['skipped']} samples, {nbytes / 2 ** 20:.0f} MiB in {out_dir}, "
+          f"{done['seconds']:.0f} s")
+    return done
+
+
+def ensure_phantom(data_dir, workers=None):
+    """What train.py, probe.py and bench.py do first (rank 0): make the phantom world in data_dir when it holds
+    no shards and no report of another data set, and finish one whose generation was interrupted (phantom.json
+    "complete": false; finished shards are kept). A complete world or real data: left alone."""
+    interrupted = _read_json(os.path.join(data_dir, 'phantom.json')).get('complete') is False
+    if not interrupted and (has_shards(data_dir) or _read_report(data_dir)):
+        return
+    print(f"{data_dir}: " + ("its phantom world was interrupted (phantom.json: \"complete\": false): finishing it"
+                             if interrupted else "no shards: generating the phantom world there")
+          + f" (python data.py phantom --out {data_dir})")
+    make_phantom(data_dir, workers=workers)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    import adapters  # the real-data formats (adapters.py); imported here so data.py stays light
     p = argparse.ArgumentParser(description="Preprocess a data set into shards (python data.py <name> --root R --out O)")
     p.add_argument('name', choices=['phantom', *adapters.ADAPTERS])
     p.add_argument('--root', help="the raw data set's folder (not for phantom)")
@@ -805,8 +716,7 @@ def main(argv=None):
     adapters.add_adapter_args(p)
     args = p.parse_args(argv)
     if args.name == 'phantom':
-        import phantom  # lazily: the phantom world is only needed when asked for
-        return phantom.resume(args.out, workers=args.workers)  # an interrupted world: as it was started
+        return make_phantom(args.out, workers=args.workers)  # an interrupted world: as it was started
     if not args.root:
         p.error(f"{args.name} needs --root, the folder of the raw data set")
     records, load_fn = adapters.adapter_records(args.name, args)

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 from rope3d import grid_coords
 
+PATCH = 14   # patch side P of the encoder (paper 2.1.1), also the smallest usable image side
+Q = 127.0    # int8 patches hold q = rint(127 x) of x in [-1, 1]: symmetric, so -1, 0 and 1 are exact
+
 try:  # optional CUDA fast path (pip install flash-attn)
     from flash_attn import flash_attn_varlen_func
 except ImportError:
@@ -131,7 +134,7 @@ def check_view(i: int, v, patch: int, in_chans: int):
     return grid_of(shape, patch)
 
 
-def pack_views(views, patch: int = 14, in_chans: int = 1, alpha: float = 128.0,
+def pack_views(views, patch: int = PATCH, in_chans: int = 1, alpha: float = 128.0,
                check_finite: bool = True) -> Packed:
     """Pack a list of float views (torch tensors, checked) into one token sequence on the CPU; move the
     result with Packed.to(device)."""
@@ -150,9 +153,9 @@ def _empty(n: int, k: int, dtype, share: bool) -> torch.Tensor:
     return t.new(t._typed_storage()._new_shared(n * k)).view(n, k) if share else torch.empty(n, k, dtype=dtype)
 
 
-def pack_arrays(views, patch: int = 14, alpha: float = 128.0, share: bool = False) -> Packed:
+def pack_arrays(views, patch: int = PATCH, alpha: float = 128.0, share: bool = False) -> Packed:
     """pack_views for numpy views of valid shapes (C, H, W) / (C, Z, H, W), all of one dtype: float32 in
-    [-1, 1], or int8 q = 127 x as a loader worker ships them (data.augment makes floats of them on the
+    [-1, 1], or int8 q = 127 x as a loader worker ships them (views.augment makes floats of them on the
     device). Each view is copied once, straight into its rows of the patch buffers, which keep the dtype;
     share=True allocates those in shared memory, so a DataLoader worker hands them over without a copy."""
     C, dtype = views[0].shape[0], torch.from_numpy(views[0][:0]).dtype

@@ -1,13 +1,12 @@
 """
-The phantom chest world: a labelled synthetic 2D + 3D data set that needs no download (issue 4).
+The phantom chest world: a labelled synthetic 2D + 3D data set that needs no download. It makes
+records and raw images only; data.make_phantom sends them through the real-data path into shards
+(python data.py phantom --out data/phantom; train.py, probe.py and bench.py do it on first use).
 
     records(seed, n2d, n3d)  -> one cheap dict per sample: ids, split, labels, a per-sample seed
     load(record)             -> the RAW image, synthesised from the record alone (pure, picklable)
         3d: volume(rng, findings)            -> HU volume (Z, H, W) + spacing, like a CT scan
         2d: drr(volume(rng, findings, DRR))  -> a radiograph projected through ANOTHER phantom patient
-    make(out_dir)            -> both go through data.preprocess_records, the same path as real data
-    resume(out_dir)          -> make() with the config out_dir/phantom.json was started with
-    pixel_floor(out_dir)     -> logistic regression on downsampled raw pixels: the floor to beat
 
 Anatomy (mm, patient frame): body outline with a fat layer, two lungs above domed hemidiaphragms,
 heart, mediastinum, trachea, spine, ribs, sternum, liver. The 5 findings of the paper (section 3):
@@ -16,37 +15,20 @@ heart, mediastinum, trachea, spine, ribs, sternum, liver. The 5 findings of the 
   CONS  a dense, irregular region of lung with air bronchograms
   LO    a hazy ground-glass region
   EFF   dependent fluid layering at a lung base
-Sizes, positions, spacing and noise vary. Calibration (world v2, RESULTS.md): the findings are large
-enough to show in most crops and at the scale of a token (a lesion of 35-100 mm radius, an effusion 8-32 mm
-deep, a heart 12-32 % larger), yet a raw-pixel model stays a floor (macro <= 0.88 on each modality), for
-two reasons that crop-invariant training does not care about: the patient lies anywhere in a fixed
-field of view (a finding moves on any fixed pixel grid), and each radiograph has its own tone curve
-and detector noise (expose). What every crop of one phantom shares besides its findings, the body's
-size and shape, varies little: crop-invariant self-supervision latches onto exactly such things.
+Calibration (world v2, RESULTS.md): findings show in most crops and at the scale of a token, yet a
+raw-pixel model stays a floor (macro <= 0.88), because the patient lies anywhere in a fixed field of
+view and each radiograph has its own tone curve and detector noise (expose); what every crop of one
+phantom shares besides its findings (body size and shape) varies little.
 
-Canonical 3D orientation (the one data.py expects): Z = axial slices inferior -> superior,
-H = anterior -> posterior, W = patient right -> left. A 2D radiograph is displayed as usual:
-rows superior -> inferior, columns patient right -> left (the patient faces the viewer).
-
-Usage: python data.py phantom --out data/phantom   (train.py, probe.py and bench.py make it on first use,
-and finish an interrupted one: ensure)
+Orientation as adapters.py: 3D (Z, H, W) = inferior -> superior, anterior -> posterior, patient
+right -> left; a radiograph has rows superior -> inferior, columns patient right -> left.
 """
 
-import json
-import os
-import time
-
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage  # scipy comes with scikit-learn
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
-import data
+from adapters import LABELS  # ('ATEL', 'CARD', 'CONS', 'LO', 'EFF')
 
-LABELS = data.LABELS  # ('ATEL', 'CARD', 'CONS', 'LO', 'EFF')
 VERSION = 2  # bump when the generator changes: make() refuses to mix versions in one folder
 
 # default sizes: test sets of >= 1000 2D and 500 3D samples give macro-AUROC standard errors ~0.02
@@ -332,132 +314,3 @@ def drr(hu, spacing_zyx):
     s = min(sz, sx)
     img = ndimage.zoom(img, (sz / s, sx / s), order=1)             # square pixels: 2D has no spacing
     return np.ascontiguousarray(img[::-1], dtype=np.float32)       # superior at the top
-
-
-# -----------------------------------------------------------------------------
-# the data set on disk, and its raw-pixel floor
-
-def make(out_dir, seed=0, n2d=N2D, n3d=N3D, long_side_2d=LONG_SIDE_2D, long_side_3d=LONG_SIDE_3D, workers=None):
-    """Generate the phantom world into out_dir through data.preprocess_records (the real-data path);
-    out_dir/phantom.json records the config and, once done, the report. A complete folder is skipped;
-    an interrupted one resumes (finished shards are kept)."""
-    config = dict(version=VERSION, seed=seed, n2d=list(n2d), n3d=list(n3d), long_side_2d=long_side_2d,
-                  long_side_3d=long_side_3d)
-    marker = os.path.join(out_dir, 'phantom.json')
-    if os.path.exists(marker):
-        with open(marker) as fh:
-            done = json.load(fh)
-        if done['config'] != config:
-            raise ValueError(f"{marker}: this folder holds a phantom world made with {done['config']}, not "
-                             f"{config}; delete {out_dir} or pass another --out")
-        if done.get('complete'):
-            print(f"phantom world in {out_dir} is complete ({marker}): skipping")
-            return done
-    os.makedirs(out_dir, exist_ok=True)
-    _write_json(marker, dict(config=config, complete=False))
-    t0 = time.time()
-    rep = data.preprocess_records(records(seed, n2d, n3d), load, out_dir, 'phantom', workers=workers,
-                                  long_side={'2d': long_side_2d, '3d': long_side_3d},
-                                  command=f"python data.py phantom --out {out_dir}")
-    if rep['failed']:  # every phantom is valid by construction: a failure is a bug, never a skip
-        raise RuntimeError(f"phantom: {rep['failed']} samples failed, e.g. {rep['failures'][0]}")
-    nbytes = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir) if n.endswith('.h5'))
-    done = dict(config=config, complete=True, seconds=round(time.time() - t0, 1), bytes=nbytes,
-                written=rep['written'], skipped=rep['skipped'])
-    _write_json(marker, done)
-    print(f"phantom world: {rep['written'] + rep['skipped']} samples, {nbytes / 2 ** 20:.0f} MiB in {out_dir}, "
-          f"{done['seconds']:.0f} s")
-    return done
-
-
-def ensure(data_dir, workers=None):
-    """What train.py, probe.py and bench.py do first (rank 0): generate the phantom world in data_dir when the
-    folder holds no shards and no report of another data set, and finish one whose generation was interrupted
-    (phantom.json "complete": false; finished shards are kept). A complete world or real data: left alone."""
-    try:
-        with open(os.path.join(data_dir, 'phantom.json')) as f:
-            interrupted = not json.load(f).get('complete')
-    except (OSError, ValueError, AttributeError):
-        interrupted = False
-    if not interrupted and (data.has_shards(data_dir) or data._read_report(data_dir)):
-        return
-    print(f"{data_dir}: " + ("its phantom world was interrupted (phantom.json: \"complete\": false): finishing it"
-                             if interrupted else "no shards: generating the phantom world there")
-          + f" (python data.py phantom --out {data_dir})")
-    resume(data_dir, workers=workers)
-
-
-def resume(out_dir, workers=None):
-    """make() with the config recorded in out_dir/phantom.json, so an interrupted world is finished as it was
-    started (python data.py phantom; ensure); a new folder gets the defaults."""
-    marker = os.path.join(out_dir, 'phantom.json')
-    cfg = {}
-    if os.path.exists(marker):
-        with open(marker) as fh:
-            cfg = {k: v for k, v in json.load(fh)['config'].items() if k != 'version'}  # make() checks the version
-    return make(out_dir, workers=workers, **cfg)
-
-
-def _write_json(path, obj):
-    with open(path + '.tmp', 'w') as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(path + '.tmp', path)  # never a half-written marker
-
-
-# Raw pixels, average-pooled to a fixed grid whatever the image size: 256 2D / 512 3D features. Of the
-# grids tried (2D 8^2, 16^2, 32^2; 3D 6^3, 8^3, 12^3) these gave the highest macro: the strongest floor.
-FLOOR_GRID = {'2d': (16, 16), '3d': (8, 8, 8)}
-FLOOR_C = (1e-4, 1e-3, 1e-2, 0.1, 1.0)  # inverse L2 strength, picked on val (test AUROC is flat beyond 1)
-
-
-def pixel_floor(data_dir, n_boot=1000, seed=0):
-    """The floor every encoder must beat: per finding, a logistic regression on standardised pooled
-    raw pixels, fit on train, C chosen on val by AUROC, scored on test. Returns, per modality,
-    dict(auroc={finding: AUROC}, macro, ci_low, ci_high (95% bootstrap over test patients), n_train, n_test)."""
-    out = {}
-    for mod, grid in FLOOR_GRID.items():
-        X, Y = {}, {}
-        for split in ('train', 'val', 'test'):
-            ds = data.ShardDataset(data_dir, split=split, modality=mod)
-            pool = F.adaptive_avg_pool2d if mod == '2d' else F.adaptive_avg_pool3d
-            its = (ds[i] for i in range(len(ds)))  # one image in memory at a time (3D train: ~0.8 GB in all)
-            X[split], Y[split] = map(np.stack, zip(*((pool(torch.from_numpy(it['image'])[None], grid).flatten().numpy(),
-                                                       it['labels']) for it in its)))
-        with threadpool_limits(1):  # BLAS threads on these small matrices spun against each other: 16x slower
-            out[mod] = fit_floor(X, Y, n_boot, seed)
-    return out
-
-
-def fit_floor(X, Y, n_boot=1000, seed=0):
-    """pixel_floor's model on feature matrices X[split] (N, D) and labels Y[split] (N, 5), NaN masked.
-    A finding with one class in some split (tiny data sets) gets AUROC NaN and is left out of the macro."""
-    mu, sd = X['train'].mean(0), X['train'].std(0) + 1e-6
-    Xs = {k: (v - mu) / sd for k, v in X.items()}
-    scores, res = {}, dict(auroc={}, C={})
-    for j, name in enumerate(LABELS):
-        m = {k: ~np.isnan(v[:, j]) for k, v in Y.items()}
-        y = {k: v[m[k], j] for k, v in Y.items()}
-        res['auroc'][name], res['C'][name] = float('nan'), None
-        if any(len(np.unique(v)) < 2 for v in y.values()):
-            continue
-        lr, best = LogisticRegression(max_iter=5000, warm_start=True), -1.0
-        for C in FLOOR_C:  # increasing C, each fit starting from the last solution (warm start: fast)
-            lr.set_params(C=C).fit(Xs['train'][m['train']], y['train'])
-            a = roc_auc_score(y['val'], lr.decision_function(Xs['val'][m['val']]))
-            if a > best:
-                best, res['C'][name], scores[name] = a, C, lr.decision_function(Xs['test'])
-        res['auroc'][name] = float(roc_auc_score(y['test'], scores[name][m['test']]))
-    res['macro'] = float(np.mean([res['auroc'][n] for n in scores])) if scores else float('nan')
-    rng, n, boot = np.random.default_rng(seed), len(Y['test']), []
-    for _ in range(n_boot):  # one test sample per patient, so resampling rows resamples patients
-        i, a = rng.integers(n, size=n), []
-        for j, name in enumerate(LABELS):
-            if name in scores:
-                yb, sb = Y['test'][i, j], scores[name][i]
-                k = ~np.isnan(yb)
-                if len(np.unique(yb[k])) == 2:
-                    a.append(roc_auc_score(yb[k], sb[k]))
-        boot.append(np.mean(a) if a else np.nan)
-    res['ci_low'], res['ci_high'] = (float(v) for v in np.nanpercentile(boot, [2.5, 97.5]))
-    res['n_train'], res['n_test'] = len(Y['train']), n
-    return res

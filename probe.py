@@ -22,9 +22,10 @@ patient-bootstrap confidence intervals, the paper's tables and the PCA figures.
 
 Test sets are discovered on disk: each (shard prefix, modality) with a test split, e.g. mimic-2d,
 ctrate-3d in data_dir (internal) and chexpert-2d, radchest-3d in external_dir. On the phantom world
-the raw-pixel logistic-regression floor (phantom.pixel_floor) is added to the table.
+the raw-pixel floor (floor_rows: this probe on average-pooled pixels) is added to the table.
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -33,6 +34,13 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+import data
+import views
+from adapters import LABELS
+from model import ModelConfig, SparseMedicalViT
+from train import configure, load_weights
 
 # -----------------------------------------------------------------------------
 # encoders and data
@@ -54,11 +62,15 @@ device = "auto"               # 'auto' | 'cpu' | 'cuda'
 token_budget = 12000          # max tokens per packed batch (memory bound, like train.py)
 num_workers = 2               # DataLoader processes reading shards
 figures = True                # write the PCA figures (needs matplotlib)
-pixel_floor = True            # on the phantom world, add the raw-pixel floor rows (phantom.pixel_floor)
+pixel_floor = True            # on the phantom world, add the raw-pixel floor rows (floor_rows)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
 
 LP_DATA = ("2d", "3d", "all")
+# the raw-pixel floor: of the grids tried (2D 8^2, 16^2, 32^2; 3D 6^3, 8^3, 12^3) these, 256 2D / 512 3D
+# features, gave the highest macro (the strongest floor); its test AUROC is flat beyond C = 1
+FLOOR_GRID = {"2d": (16, 16), "3d": (8, 8, 8)}
+FLOOR_C, FLOOR_ITER = (1e-4, 1e-3, 1e-2, 0.1, 1.0), 5000
 
 
 # -----------------------------------------------------------------------------
@@ -186,7 +198,6 @@ def format_table(rows, labels) -> str:
 def whole_view(image, patch: int) -> torch.Tensor:
     """The whole sample as one float view, padded with -1 evenly up to whole patches (data.pad_to_patches,
     as the probe's batches are)."""
-    import data
     return torch.from_numpy(data.pad_to_patches(np.asarray(image, np.float32), patch))  # (1, H, W) or (1, Z, H, W)
 
 
@@ -196,7 +207,6 @@ def embed(model, ds, device, token_budget=token_budget, workers=num_workers, des
     'y' (N, K), 'patient' (N,) str, 'id' (N,) str}. Batches hold at most token_budget tokens (one larger
     sample goes alone), so memory is bounded by the budget, not by the data set; the workers pack them
     (data.iterate_whole) and the device makes floats of the int8 patches."""
-    import data
     from tqdm import tqdm
     model.eval()
     bf16 = device.type == "cuda"  # flash path on GPU; exact fp32 on CPU
@@ -205,7 +215,7 @@ def embed(model, ds, device, token_budget=token_budget, workers=num_workers, des
                                 pin_memory=device.type == "cuda")
     with tqdm(total=len(ds), desc=desc, dynamic_ncols=True, leave=False) as bar:
         for b in loader:
-            packed = data.augment(b["packed"].to(device, non_blocking=True), b["aug"])  # identity: q / 127
+            packed = views.augment(b["packed"].to(device, non_blocking=True), b["aug"])  # identity: q / 127
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                 out["x"].append(model(packed).float().cpu().numpy())  # (b, dim)
             out["y"].append(b["labels"].numpy())
@@ -241,8 +251,6 @@ def cached(cache_path: str, encoder: str, ckpt_tag: str, key: str, compute) -> d
 
 def load_encoder(path: str):
     """(model, checkpoint dict) from a train.py checkpoint; the encoder weights only."""
-    from model import ModelConfig, SparseMedicalViT
-    from train import load_weights
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found: train one (python train.py) or pass --ckpt=PATH")
     ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -253,7 +261,6 @@ def load_encoder(path: str):
 
 def random_encoder(model_cfg: dict, seed: int):
     """The architecture at random init, seeded as train.py seeds before building its encoder."""
-    from model import ModelConfig, SparseMedicalViT
     torch.manual_seed(seed)
     return SparseMedicalViT(ModelConfig(**model_cfg))
 
@@ -342,8 +349,6 @@ def find_sets(folder: str, external: bool) -> dict:
     """{name: set} for each (prefix, modality) with shards in folder (data.py names shards
     {prefix}_{split}_{modality}_NNNNN.h5). A set: prefix, modality, external, and per split the
     shard glob and a fingerprint (names, sizes, mtimes) so rebuilt shards never reuse cached features."""
-    import glob
-    import data
     data.check_complete(folder)  # a folder whose preprocessing was interrupted would give numbers on part of a set
     sets = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.h5"))):
@@ -392,15 +397,13 @@ def load_encoders(cfg, dev):
 
 
 def main(cfg: dict):
-    import data
-    import phantom
     lps = [lp.strip() for lp in cfg["lp_data"].split(",") if lp.strip()]
     if not lps or set(lps) - set(LP_DATA):
         raise ValueError(f"--lp_data={cfg['lp_data']!r}: expected a comma-separated subset of {', '.join(LP_DATA)}")
     dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     encoders, ck = load_encoders(cfg, dev)
     data_dir = cfg["data_dir"] or ck["config"]["data_dir"]
-    phantom.ensure(data_dir)  # as train.py: the phantom world is made on first use, finished if interrupted
+    data.ensure_phantom(data_dir)  # as train.py: the phantom world is made on first use, finished if interrupted
     sets = find_sets(data_dir, external=False)
     if cfg["external_dir"]:
         sets.update(find_sets(cfg["external_dir"], external=True))
@@ -429,7 +432,7 @@ def main(cfg: dict):
                 enc, data.ShardDataset(sp["glob"]), dev, cfg["token_budget"], cfg["num_workers"], f"{name} {sname} {split}"))
         return store[name, sname, split]
 
-    rows, labels = [], list(data.LABELS)
+    rows, labels = [], list(LABELS)
     for e in encoders:
         e[1].to(dev)
         for lp, names, tsets in runs:
@@ -445,7 +448,7 @@ def main(cfg: dict):
                 rows.append(score_row(t, lp, e[0], te["y"], predict(p, te["x"]), te["patient"], len(tr["x"]),
                                       labels, cfg["n_boot"], cfg["seed"]))
     if cfg["pixel_floor"] and any(s["prefix"] == "phantom" and not s["external"] for s in sets.values()):
-        rows += floor_rows(data_dir, labels, cfg)
+        rows += floor_rows(data_dir, labels, cfg["n_boot"], cfg["seed"])
 
     rank = {k: i for i, k in enumerate(list(sets) + lps + ["adapt", "raw-pixels"] + [e[0] for e in encoders])}
     rows.sort(key=lambda r: (rank[r["test_set"]], rank.get(r["lp_data"], -1), rank.get(r["encoder"], -1)))
@@ -467,7 +470,6 @@ def write_figures(encoders, get, sets, labels, out_dir):
     except ImportError:
         print("matplotlib is not installed: figures skipped (pip install matplotlib)")
         return
-    import data
     internal = lambda m: [n for n, s in sets.items() if not s["external"] and s["modality"] == m and "train" in s["splits"]]
     fx = {m: concat([get(n, "train") for n in internal(m)]) if internal(m) else
           dict(x=np.zeros((0, encoders[0][1].cfg.dim)), y=np.zeros((0, len(labels)))) for m in ("2d", "3d")}
@@ -486,17 +488,27 @@ def write_figures(encoders, get, sets, labels, out_dir):
     print(f"wrote {os.path.join(out_dir, 'pca_lr.png')} and pca_maps.png")
 
 
-def floor_rows(data_dir, labels, cfg):
-    """The raw-pixel floor (phantom.pixel_floor: logistic regression on average-pooled pixels, C on val,
-    95% CI over test patients) as rows of the table, tested on its own modality only."""
-    import phantom
-    print("raw-pixel floor (phantom.pixel_floor) ...")
-    fl = phantom.pixel_floor(data_dir, n_boot=cfg["n_boot"], seed=cfg["seed"])
-    return [dict(test_set=f"phantom-{m}", lp_data=m, encoder="raw-pixels", auroc={l: clean(r["auroc"][l]) for l in labels},
-                 macro=clean(r["macro"]), ci_low=clean(r["ci_low"]), ci_high=clean(r["ci_high"]),
-                 n_train=int(r["n_train"]), n_test=int(r["n_test"])) for m, r in fl.items()]
+def pooled_pixels(ds, grid) -> dict:
+    """The raw pixels of every sample of ds, average-pooled to a fixed grid whatever the image size, as
+    embed() returns features; one image in memory at a time."""
+    pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
+    x = [pool(torch.from_numpy(ds[i]["image"])[None], grid).flatten().numpy() for i in range(len(ds))]
+    return {"x": np.stack(x), "y": ds.labels, "patient": ds.patient_id.astype(str)}
+
+
+def floor_rows(data_dir, labels, n_boot=n_boot, seed=seed) -> list:
+    """The floor every encoder must beat on the phantom world: the linear probe above (fit_probe, C on val,
+    CI over test patients) on pooled raw pixels, each modality tested on its own. Rows of the table."""
+    print("raw-pixel floor ...")
+    rows = []
+    for mod, grid in FLOOR_GRID.items():
+        f = {s: pooled_pixels(data.ShardDataset(data_dir, split=s, modality=mod), grid) for s in ("train", "val", "test")}
+        p = fit_probe(f["train"]["x"], f["train"]["y"], f["val"]["x"], f["val"]["y"], FLOOR_C, FLOOR_ITER)
+        te = f["test"]
+        rows.append(score_row(f"phantom-{mod}", mod, "raw-pixels", te["y"], predict(p, te["x"]), te["patient"],
+                              len(f["train"]["x"]), labels, n_boot, seed))
+    return rows
 
 
 if __name__ == "__main__":
-    from train import configure
     main(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import pickle
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,12 +31,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from data import BadInput, MultiCrop, ShardDataset, ShardError
+from adapters import LABELS, BadInput
+from data import ShardDataset, ShardError
 from lejepa import Projector, epps_pulley, lejepa_loss, random_directions, sigreg
 from model import ModelConfig, SparseMedicalViT, PRESETS
 from pack import pack_views, pool_views, split_views, varlen_attention, attention_path
-from phantom import LABELS
 from rope3d import grid_coords, apply_rope, rope_cos_sin
+from views import MultiCrop
 import adapters as A
 import data
 import lejepa
@@ -45,6 +45,7 @@ import pack
 import phantom
 import probe
 import train
+import views
 
 
 torch.set_num_threads(2)
@@ -746,8 +747,8 @@ def per_view(pk):
 
 def augmented(crop, img, seed):
     """MultiCrop's views of img after augment(), one float32 (tokens, voxels of a patch) array per view."""
-    views, aug = crop(img, np.random.default_rng(seed))
-    return [x.numpy() for x in per_view(data.augment(pack.pack_arrays(views), torch.from_numpy(aug)))]
+    crops, aug = crop(img, np.random.default_rng(seed))
+    return [x.numpy() for x in per_view(views.augment(pack.pack_arrays(crops), torch.from_numpy(aug)))]
 
 
 def test_views_are_native_resolution_crops_with_per_view_intensity():
@@ -771,11 +772,11 @@ def test_views_are_native_resolution_crops_with_per_view_intensity():
     assert all(-1 <= x.min() and x.max() <= 1 for x in augmented(MultiCrop(brightness=0.5), img, 5))
 
 
-def reference_augment(views, aug):
+def reference_augment(vs, aug):
     """augment() written out per view with numpy: x = q / 127 (or x), in patch order (pack_views'),
     clip(c x + (1 - c) mean + b + sd * noise), the noise being rows row, row + 1, ... of the table (wrapping)."""
-    table, out = data.noise_table("cpu").numpy(), []
-    for v, (c, b, sd, row) in zip(views, aug):
+    table, out = views.noise_table("cpu").numpy(), []
+    for v, (c, b, sd, row) in zip(vs, aug):
         x = v.astype(np.float32) / np.float32(127) if v.dtype == np.int8 else v
         x = per_view(pack.pack_views([torch.from_numpy(x)]))[0].numpy()  # (L, K)
         L, K = x.shape
@@ -792,15 +793,15 @@ def test_augment_matches_a_per_view_reference_on_cpu_and_device():
     rng = np.random.default_rng(0)
     q = [rng.integers(-127, 128, s).astype(np.int8) for s in ((1, 28, 42), (1, 14, 14), (1, 28, 14, 42), (1, 14, 28, 28))]
     aug = np.array([(1.1, 0.05, 0.02, 7), (0.8, -0.1, 0.0, 0), (1.0, 0.0, 0.01, 1527), (1.2, 0.1, 0.02, 1500)])
-    pk = data.augment(pack.pack_arrays(q), torch.from_numpy(aug))
+    pk = views.augment(pack.pack_arrays(q), torch.from_numpy(aug))
     for got, want in zip(per_view(pk), reference_augment(q, aug)):
         np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)
-    floats = data.augment(pack.pack_arrays([x / np.float32(127) for x in q]), torch.from_numpy(aug))
+    floats = views.augment(pack.pack_arrays([x / np.float32(127) for x in q]), torch.from_numpy(aug))
     assert torch.equal(floats.patches2d, pk.patches2d) and torch.equal(floats.patches3d, pk.patches3d)
-    ident = data.augment(pack.pack_arrays(q), torch.tensor([[1.0, 0, 0, 0]] * 4, dtype=torch.float64))
+    ident = views.augment(pack.pack_arrays(q), torch.tensor([[1.0, 0, 0, 0]] * 4, dtype=torch.float64))
     assert torch.equal(ident.patches3d, pack.pack_arrays(q).patches3d.float() / 127)  # no augmentation: q / 127 exactly
     if torch.cuda.is_available():
-        dev = data.augment(pack.pack_arrays(q).to("cuda"), torch.from_numpy(aug).cuda())
+        dev = views.augment(pack.pack_arrays(q).to("cuda"), torch.from_numpy(aug).cuda())
         assert torch.equal(dev.patches2d.cpu(), pk.patches2d) and torch.equal(dev.patches3d.cpu(), pk.patches3d)
 
 
@@ -837,7 +838,7 @@ def sample_views(batch, i):
     for pk, aug, (a, b) in data.micro_batches(batch):
         if a <= i < b:
             V = pk.num_views // (b - a)
-            return data.augment(pk, aug).slice((i - a) * V, (i - a + 1) * V), aug[(i - a) * V:(i - a + 1) * V]
+            return views.augment(pk, aug).slice((i - a) * V, (i - a + 1) * V), aug[(i - a) * V:(i - a + 1) * V]
 
 
 def same_views(x, y):
@@ -963,12 +964,12 @@ def test_iterate_whole(shard_dir):
             pk = b['packed']
             assert b['labels'].shape == (len(b['id']), 5) and pk.num_views == len(b['id']) and pk.patches2d.dtype == torch.int8
             assert pk.num_tokens <= budget or pk.num_views == 1  # a larger sample goes alone
-            views = data.augment(pk, b['aug'])
+            floats = views.augment(pk, b['aug'])
             for j, i in enumerate(b['id']):
                 full = ds[list(ds.id).index(i)]['image']
                 x = probe.whole_view(full, 14)  # the reference padding
                 ref = pack.pack_views([x])
-                got = views.slice(j, j + 1)
+                got = floats.slice(j, j + 1)
                 assert got.grids == ref.grids and torch.equal(per_view(got)[0], per_view(ref)[0])
                 assert all(s % 14 == 0 and S <= s < S + 14 for s, S in zip(x.shape[1:], full.shape[1:]))
                 inner = tuple(slice((s - S) // 2, (s - S) // 2 + S) for s, S in zip(x.shape[1:], full.shape[1:]))
@@ -1668,8 +1669,7 @@ def tiny_world(tmp_path, seed=0):
 
 def test_end_to_end_table_and_json(tmp_path, capsys, monkeypatch):
     ckpt = tiny_world(tmp_path)
-    import phantom
-    monkeypatch.setattr(phantom, "FLOOR_C", (1.0,))  # one C: the floor's own C search is phantom.py's to test
+    monkeypatch.setattr(probe, "FLOOR_C", (1.0,))  # one C: the C search is fit_probe's, tested above
     cfg = {k: getattr(probe, k) for k in probe.config_keys}
     cfg.update(ckpt=str(ckpt), out_dir=str(tmp_path / "probe"), num_workers=0, n_boot=20, Cs=(1.0,), figures=True)
     probe.main(cfg)
@@ -1681,9 +1681,6 @@ def test_end_to_end_table_and_json(tmp_path, capsys, monkeypatch):
     assert got == {(t, lp, e) for t in ("phantom-2d", "phantom-3d") for lp in ("2d", "3d", "all")
                    for e in ("lejepa-7", "random-init")} | {("phantom-2d", "2d", "raw-pixels"), ("phantom-3d", "3d", "raw-pixels")}
     for r in rows:
-        if r["encoder"] == "raw-pixels":  # phantom.pixel_floor's own numbers, only passed through
-            assert r["n_test"] == 12 and r["n_train"] == 16
-            continue
         assert r["n_test"] == 12 and r["n_train"] == {"2d": 16, "3d": 16, "all": 32}[r["lp_data"]]
         assert set(r["auroc"]) == {"ATEL", "CARD", "CONS", "LO", "EFF"}
         assert r["ci_low"] <= r["macro"] <= r["ci_high"]
@@ -1730,10 +1727,9 @@ LEARN_MARGIN = 0.03
 
 def learning_gain(tmp_path, **train_kw):
     """(trained - random init) 3D-probe macro AUROC on the reduced world's 3D test set, and both rows."""
-    import phantom
     world = tmp_path / "world"
     if not (world / "phantom.json").exists():
-        phantom.make(world, seed=0, workers=2, **LEARN_WORLD)
+        data.make_phantom(world, seed=0, workers=2, **LEARN_WORLD)
     out = tmp_path / "out"
     cfg = {k: getattr(train, k) for k in train.config_keys}
     cfg.update(data_dir=str(world), out_dir=str(out), log_interval=50, ckpt_interval=1000, **LEARN_CFG)
@@ -1788,6 +1784,7 @@ sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads({threads})
 import train
+import views
 calls = [0]
 def save(obj, f):  # the {n}-th save writes half its bytes, syncs them, and the process is killed -9
     calls[0] += 1
@@ -1840,6 +1837,7 @@ KILL_RANK = """
 import os, signal, sys
 sys.path.insert(0, os.getcwd())
 import train
+import views
 REAL = train.get_lr
 def get_lr(it, cfg):  # rank 1 kills itself (-9) on entering step KILL_STEP, once (a marker file)
     marker = os.environ["KILL_MARKER"]
@@ -2002,7 +2000,7 @@ def test_nonfinite_loss_stops_before_the_step_and_keeps_the_checkpoint(shards, t
             if step == bad_step:
                 pred, sig = (pred * math.nan, sig) if fault == "pred" else (pred, sig * math.nan)
             return (1 - lam) * pred + lam * sig, pred, sig
-        monkeypatch.setattr(lejepa, "lejepa_loss", loss)
+        monkeypatch.setattr(train, "lejepa_loss", loss)
     out = tmp_path / "out"
     term = "(pred|sigreg)" if fault == "lr=1e30" else fault
     with pytest.raises(FloatingPointError, match=rf"step {bad_step}: non-finite loss term {term} = (nan|inf).*"
@@ -2177,7 +2175,7 @@ def test_bench_and_probe_finish_an_interrupted_phantom_world(tmp_path, monkeypat
     """A phantom world stopped one shard short: bench.py and probe.py finish it (as it was started) and read it whole."""
     import bench
     world = tmp_path / "world"
-    interrupted(lambda: phantom.make(world, workers=1, **SMALL_WORLD), 5)
+    interrupted(lambda: data.make_phantom(world, workers=1, **SMALL_WORLD), 5)
     assert not json.load(open(world / "phantom.json"))["complete"]
     with pytest.raises(ShardError, match=rf"data set 'phantom' is incomplete.*`python data.py phantom --out {world}`"):
         ShardDataset(world)
@@ -2188,7 +2186,7 @@ def test_bench_and_probe_finish_an_interrupted_phantom_world(tmp_path, monkeypat
     def stop(*a, **k):
         raise Reached
     if script == "bench":
-        monkeypatch.setattr(data, "MultiCrop", stop)
+        monkeypatch.setattr(views, "MultiCrop", stop)
         run = lambda: bench.main(bench_cfg(world))
     else:
         monkeypatch.setattr(probe, "embed", stop)
@@ -2202,7 +2200,7 @@ def test_bench_and_probe_finish_an_interrupted_phantom_world(tmp_path, monkeypat
 KILL_MID_WORLD = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import data, phantom
+import data
 REAL, calls = data.write_shard, [0]
 def write(*a, **k):  # SIGKILL as the 3rd shard is about to be written
     calls[0] += 1
@@ -2210,7 +2208,7 @@ def write(*a, **k):  # SIGKILL as the 3rd shard is about to be written
         os.kill(os.getpid(), signal.SIGKILL)
     return REAL(*a, **k)
 data.write_shard = write
-phantom.make({world!r}, workers=1, **{kw!r})
+data.make_phantom({world!r}, workers=1, **{kw!r})
 """
 
 
@@ -2563,7 +2561,7 @@ def test_drr_shows_findings_where_a_radiograph_would():
 
 def test_make_end_to_end(tmp_path):
     n2d, n3d = (4, 2, 2), (2, 1, 1)
-    rep = phantom.make(tmp_path / 'a', seed=5, n2d=n2d, n3d=n3d, workers=1)
+    rep = data.make_phantom(tmp_path / 'a', seed=5, n2d=n2d, n3d=n3d, workers=1)
     assert rep['complete'] and rep['written'] == 12
     recs = {r['id']: r for r in phantom.records(5, n2d, n3d)}
     ds = data.ShardDataset(tmp_path / 'a')
@@ -2579,29 +2577,15 @@ def test_make_end_to_end(tmp_path):
             data.preprocess_ct(*raw, phantom.LONG_SIDE_3D)
         np.testing.assert_allclose(it['image'], ref, atol=0.5 / data.Q + 1e-6)
     mtime = os.path.getmtime(ds.files[0])
-    assert phantom.make(tmp_path / 'a', seed=5, n2d=n2d, n3d=n3d, workers=1)['complete']  # skipped
+    assert data.make_phantom(tmp_path / 'a', seed=5, n2d=n2d, n3d=n3d, workers=1)['complete']  # skipped
     assert os.path.getmtime(ds.files[0]) == mtime
     with pytest.raises(ValueError, match='phantom.json'):
-        phantom.make(tmp_path / 'a', seed=6, n2d=n2d, n3d=n3d, workers=1)
-    phantom.make(tmp_path / 'b', seed=5, n2d=n2d, n3d=n3d, workers=1)  # a second generation: identical
+        data.make_phantom(tmp_path / 'a', seed=6, n2d=n2d, n3d=n3d, workers=1)
+    data.make_phantom(tmp_path / 'b', seed=5, n2d=n2d, n3d=n3d, workers=1)  # a second generation: identical
     db = data.ShardDataset(tmp_path / 'b')
     for i in range(len(ds)):
         assert ds.id[i] == db.id[i]
         np.testing.assert_array_equal(ds[i]['image'], db[i]['image'])
-
-
-def test_fit_floor_separable_random_and_nan():
-    rng = np.random.default_rng(0)
-    Y = {s: (rng.random((n, 5)) < 0.3).astype(np.float32) for s, n in (('train', 600), ('val', 300), ('test', 1000))}
-    Y['train'][rng.random((600, 5)) < 0.1] = np.nan  # unknown labels are masked, not counted as negatives
-    sep = {s: np.concatenate([np.nan_to_num(y, nan=0.5) + 0.1 * rng.standard_normal(y.shape),
-                              rng.standard_normal((len(y), 20))], 1) for s, y in Y.items()}
-    res = phantom.fit_floor(sep, Y, n_boot=100)
-    assert min(res['auroc'].values()) > 0.99 and res['ci_low'] <= res['macro'] <= res['ci_high']
-    noise = {s: rng.standard_normal((len(y), 20)) for s, y in Y.items()}
-    res = phantom.fit_floor(noise, Y, n_boot=100)
-    assert all(abs(a - 0.5) < 0.08 for a in res['auroc'].values()) and abs(res['macro'] - 0.5) < 0.04
-    assert res['n_train'] == 600 and res['n_test'] == 1000
 
 
 @pytest.mark.slow
@@ -2610,6 +2594,45 @@ def test_default_world_is_calibrated(tmp_path, request):
     modality, every finding 0.6-0.95."""
     if 'slow' not in (request.config.option.markexpr or ''):
         pytest.skip('minutes: run with pytest -m slow')
-    phantom.make(tmp_path)
-    for mod, res in phantom.pixel_floor(tmp_path).items():
-        assert all(0.6 <= a <= 0.95 for a in res['auroc'].values()) and res['macro'] <= 0.88, (mod, res)
+    data.make_phantom(tmp_path)
+    for res in probe.floor_rows(tmp_path, LABELS):
+        assert all(0.6 <= a <= 0.95 for a in res['auroc'].values()) and res['macro'] <= 0.88, res
+
+# -----------------------------------------------------------------------------
+# the code base as a whole
+
+def import_graph(folder):
+    """{module: the project modules it imports} for the .py files of folder, from their syntax trees:
+    imports at the top and inside functions alike."""
+    mods = {f[:-3] for f in os.listdir(folder) if f.endswith(".py")}
+    graph = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(folder, m + ".py")).read())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[m] = {n.split(".")[0] for n in names} & mods - {m}
+    return graph
+
+
+def import_cycle(graph):
+    """A chain of imports that leads from a module back to itself, or None."""
+    for m in graph:
+        todo, seen = [[m]], set()
+        while todo:
+            path = todo.pop()
+            for k in graph[path[-1]]:
+                if k == m:
+                    return path + [k]
+                if k not in seen:
+                    seen.add(k)
+                    todo.append(path + [k])
+    return None
+
+
+def test_imports_go_one_way():
+    """No module imports a module that imports it back, directly or through a chain: records and raw
+    arrays (adapters, phantom) -> shards and the stream (data) -> the scripts."""
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
+    graph = import_graph(REPO)
+    assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
+    assert not graph["adapters"] and graph["phantom"] == {"adapters"} and {"adapters", "phantom"} <= graph["data"]

@@ -29,6 +29,12 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import data
+import views
+from adapters import LABELS
+from lejepa import Projector, lejepa_loss
+from model import ModelConfig, SparseMedicalViT, PRESETS
+
 # -----------------------------------------------------------------------------
 # data
 data_dir = "data/phantom"     # shard folder (python data.py ...); the phantom world is generated here if empty
@@ -39,7 +45,7 @@ n_global = 2                  # global views per sample (paper: 2)
 n_local = 8                   # local views per sample (paper: 8)
 global_scale = (0.3, 1.0)     # global view size, fraction of image area (2D) or volume (3D) (paper)
 local_scale = (0.05, 0.3)     # local view size (paper)
-view_zoom = (1.0, 1.0)        # per-view resampling factor range (1, 1 = native resolution, no resize); data.MultiCrop
+view_zoom = (1.0, 1.0)        # per-view resampling factor range (1, 1 = native resolution, no resize); views.MultiCrop
 view_intensity = (0.2, 0.4, 0.04)  # per-view (brightness, contrast, noise sd) jitter, images in [-1, 1]; strong,
                               # so two views match by structure, not by intensity statistics (RESULTS.md)
 num_workers = 1               # DataLoader worker processes per rank (one keeps up on CPU; GPUs: see README)
@@ -194,11 +200,6 @@ def save_checkpoint(obj: dict, path: str):
 
 
 def main(cfg: dict):
-    import data
-    import phantom
-    from lejepa import Projector, lejepa_loss
-    from model import ModelConfig, SparseMedicalViT, PRESETS
-
     # --- distributed: torchrun sets RANK; then init must succeed (never two silent independent runs)
     ddp = "RANK" in os.environ
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -234,7 +235,7 @@ def main(cfg: dict):
     mcfg = ModelConfig(**PRESETS[cfg["preset"]])
     encoder = SparseMedicalViT(mcfg)
     head = (Projector(mcfg.dim, cfg["proj_hidden"], cfg["proj_dim"]) if cfg["objective"] == "lejepa"
-            else nn.Linear(mcfg.dim, len(data.LABELS)))
+            else nn.Linear(mcfg.dim, len(LABELS)))
     net = Net(encoder, head).to(device)
     decay = [p for p in net.parameters() if p.dim() >= 2]
     no_decay = [p for p in net.parameters() if p.dim() < 2]
@@ -261,12 +262,12 @@ def main(cfg: dict):
 
     # --- data: rank 0 generates the phantom world on first use (or finishes an interrupted one) while the others wait
     if master:
-        phantom.ensure(cfg["data_dir"])
+        data.ensure_phantom(cfg["data_dir"])
     if ddp:
         dist.barrier()  # collective: every rank waits for the data
     ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d") if b2d else None
     ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d") if b3d else None
-    crop = data.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"], global_scale=cfg["global_scale"],
+    crop = views.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"], global_scale=cfg["global_scale"],
                           local_scale=cfg["local_scale"], zoom=cfg["view_zoom"], brightness=cfg["view_intensity"][0],
                           contrast=cfg["view_intensity"][1], noise=cfg["view_intensity"][2])
     model = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else net
@@ -308,7 +309,7 @@ def main(cfg: dict):
         terms = torch.zeros(3, device=device)
         for m, (packed, aug, (a, b)) in enumerate(micro):
             packed = packed.to(device, non_blocking=True)  # int8 patches; floats and augmentation on the device
-            packed = data.augment(packed, aug)
+            packed = views.augment(packed, aug)
             sync = m == len(micro) - 1  # average gradients across ranks only on the last micro-batch
             with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
                 emb, out = model(packed)

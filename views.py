@@ -1,0 +1,127 @@
+"""
+LeJEPA's views (paper 2.2, 2.4): V_g global + V_l local crops of each sample and their per-view
+intensity augmentation, in two halves that run in different places.
+
+    MultiCrop(...)(image, rng)   in a loader worker: patch-snapped crops, native resolution (no resize),
+                                 and each view's augmentation parameters (contrast, brightness, noise)
+    augment(packed, aug)         on the device: those parameters applied to the packed int8 views
+
+The choices (scale, aspect, zoom, why no flips) and their tests are described in DATA.md, "Views".
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pack import PATCH, Q, Packed
+
+NOISE_SIZE = 1 << 22  # standard normals in the fixed noise table (16 MB), see augment
+_NOISE = {}  # device -> that table, made on first use there
+
+
+def noise_table(device) -> torch.Tensor:
+    """The fixed table of NOISE_SIZE standard normals on `device` (the same numbers everywhere)."""
+    if str(device) not in _NOISE:
+        t = np.random.default_rng(12345).standard_normal(NOISE_SIZE, dtype=np.float32)
+        _NOISE[str(device)] = torch.from_numpy(t).to(device)
+    return _NOISE[str(device)]
+
+
+class MultiCrop:
+    """V_g global + V_l local crops of one image (1, H, W) or volume (1, Z, H, W), global views first;
+    the d = 2 or 3 spatial axes are treated alike. A view covers a fraction of the image's area or volume
+    drawn from `scale`, each axis stretched by exp(u_k) (stretches multiplying to 1, so any two sides keep
+    the image's ratio within `aspect`), sides snapped to whole patches; a draw whose snapped scale leaves
+    the range is redrawn (up to `tries`, then the closest is kept). No resize: the token count varies.
+    Drawn PER VIEW, so crop-invariance cannot reward them: contrast x(1 +- contrast) about the view's mean,
+    brightness +- brightness, noise sd ~ U(0, noise) (in CT units 0.1 is 125 HU), applied by augment();
+    zoom (off by default): the view shows a region of its size / z, z ~ exp(U(log zoom)), resampled.
+    No flips (chest anatomy is lateralised: a flipped chest is dextrocardia) and no rotations."""
+
+    def __init__(self, n_global=2, n_local=8, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
+                 aspect=(3 / 4, 4 / 3), patch=PATCH, brightness=0.1, contrast=0.2, noise=0.02, zoom=(1.0, 1.0),
+                 tries=10):
+        assert 0 < global_scale[0] <= global_scale[1] and 0 < local_scale[0] <= local_scale[1]
+        assert 0 < aspect[0] <= 1 <= aspect[1] and 0 < zoom[0] <= zoom[1]
+        self.n_global, self.n_local, self.patch, self.tries = n_global, n_local, patch, tries
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.log_aspect = math.log(aspect[1] / aspect[0]) / 2  # half-width of each axis's log-stretch
+        self.brightness, self.contrast, self.noise, self.log_zoom = brightness, contrast, noise, np.log(zoom)
+
+    def size(self, spatial, scale, rng) -> tuple:
+        """Patch-snapped view size for an image of spatial shape (H, W) or (Z, H, W)."""
+        d, p = len(spatial), self.patch
+        fit = [s // p for s in spatial]  # whole patches that fit per axis
+        assert min(fit) >= 1, f"image {spatial} smaller than one {p}-pixel patch (preprocessing should refuse it)"
+        best = None
+        for _ in range(self.tries):
+            s = rng.uniform(*scale)
+            u = rng.uniform(-self.log_aspect / 2, self.log_aspect / 2, d).tolist()  # python floats: 2x faster here
+            stretch = [math.exp(x - sum(u) / d) for x in u]
+            n = [min(max(1, round(S * s ** (1 / d) * r / p)), f) for S, r, f in zip(spatial, stretch, fit)]
+            real = math.prod(n) * p ** d / math.prod(spatial)
+            err = max(scale[0] - real, real - scale[1], 0.0)
+            if best is None or err < best[0]:
+                best = (err, n)
+            if err == 0:
+                break
+        return tuple(k * p for k in best[1])
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator):
+        """(crops, aug) of the views of image, all drawn from rng. crops[v]: (1, h, w) or (1, z, h, w), a
+        sub-block of image in its own dtype (int8 q = 127 x from ShardDataset.read, or float), float32 in
+        [-1, 1] when zoom resamples; aug: (V, 4) float64 rows (contrast c, brightness b, noise sd, noise
+        row) for augment()."""
+        spatial = image.shape[1:]  # (H, W) or (Z, H, W)
+        zoom = self.log_zoom[1] > self.log_zoom[0]
+        if zoom and image.dtype == np.int8:
+            image = image / np.float32(Q)  # resampling needs floats; then every view is float
+        crops, aug = [], []
+        for v in range(self.n_global + self.n_local):
+            size = self.size(spatial, self.global_scale if v < self.n_global else self.local_scale, rng)
+            z = math.exp(rng.uniform(*self.log_zoom)) if zoom else 1.0
+            src = [min(S, max(1, round(s / z))) for S, s in zip(spatial, size)]  # region shown at size
+            corner = [rng.integers(0, S - s + 1) for S, s in zip(spatial, src)]
+            crop = image[(slice(None),) + tuple(slice(a, a + s) for a, s in zip(corner, src))]
+            if list(src) != list(size):  # zoom: the region resampled to the patch-snapped size
+                crop = F.interpolate(torch.from_numpy(np.ascontiguousarray(crop))[None], size=size,
+                                     mode="bilinear" if len(size) == 2 else "trilinear", align_corners=False)[0].numpy()
+            crops.append(crop)  # a view of the image (no copy) unless resampled
+            c = 1.0 + rng.uniform(-self.contrast, self.contrast)
+            b = rng.uniform(-self.brightness, self.brightness)
+            sd = rng.uniform(0, self.noise)
+            rows = NOISE_SIZE // (self.patch ** len(spatial))  # the noise table as rows of one patch
+            aug.append((c, b, sd, rng.integers(0, rows) if sd > 0 else 0))
+        return crops, np.array(aug, np.float64)
+
+
+@torch.no_grad()
+def augment(packed: Packed, aug: torch.Tensor) -> Packed:
+    """MultiCrop's intensity augmentation, applied to packed views where they are: the same code on CPU
+    and CUDA tensors (tested equal), a few batched ops however many views. Patches (int8 q = 127 x, or
+    float x) -> float32 clip(c x + (1 - c) mean_v(x) + b + sd * noise, -1, 1), (c, b, sd, row) = aug[v].
+    A view's noise is its tokens' rows of the fixed table seen as (rows, voxels of a patch), from `row`
+    on (wrapping), in patch order: i.i.d. normals, unrelated between views, one gather per batch;
+    drawing fresh normals cost 14 ms per 3D view on a CPU. Pass aug on the host: it is checked there."""
+    dev, N, noisy = packed.coords.device, packed.num_views, bool((aug[:, 2] > 0).any())
+    c, b, sd, row = aug.to(dev, torch.float64, non_blocking=True).unbind(1)  # (N,) each
+    pos = torch.arange(packed.num_tokens, device=dev) - packed.cu_seqlens[:-1].long()[packed.view_ids]  # (S,) in its view
+    sums, count = torch.zeros(N, dtype=torch.float64, device=dev), torch.zeros(N, dtype=torch.float64, device=dev)
+    for p, idx in ((packed.patches2d, packed.idx2d), (packed.patches3d, packed.idx3d)):
+        q = p.dtype == torch.int8  # int8 sums are exact (so equal on every device), float ones nearly so
+        sums.index_add_(0, packed.view_ids[idx], p.sum(1, dtype=torch.int32 if q else torch.float32).double() / (Q if q else 1))
+        count.index_add_(0, packed.view_ids[idx], torch.full_like(idx, p.shape[1], dtype=torch.float64))
+    shift = ((sums / count.clamp(min=1)) * (1 - c) + b).float()  # contrast about the view's mean, then brightness
+    c, sd, out = c.float(), sd.float(), []
+    for p, idx in ((packed.patches2d, packed.idx2d), (packed.patches3d, packed.idx3d)):
+        vid, K = packed.view_ids[idx], p.shape[1]
+        x = p.float().div_(Q) if p.dtype == torch.int8 else p.float().clone()  # (S_d, K), in place from here
+        x.mul_(c[vid, None]).add_(shift[vid, None])
+        if noisy:
+            table = noise_table(dev)[:NOISE_SIZE // K * K].view(-1, K)  # (rows, K)
+            x.add_(table[(row.long()[vid] + pos[idx]) % table.shape[0]].mul_(sd[vid, None]))
+        out.append(x.clamp_(-1.0, 1.0))
+    return dataclasses.replace(packed, patches2d=out[0], patches3d=out[1])
