@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import adapters
 import phantom
@@ -288,6 +289,27 @@ def _prepare_one(load_fn, long_side, rec):
         return None, f"unexpected {type(e).__name__}: {e}"
 
 
+class _LogLines:
+    """tqdm's stream when stderr is a file or a pipe: each redraw one plain line, clears dropped."""
+
+    def write(self, s):
+        if s.strip():
+            print(s.strip(), file=sys.stderr, flush=True)
+
+    def flush(self):
+        pass
+
+
+def progress(**kw) -> tqdm:
+    """A tqdm bar (data.py, probe.py and train.py) that redraws in place for a person at a terminal. In a
+    file or pipe (stderr not a TTY) it prints a plain line at most every 30 s instead, and stdout becomes
+    line-buffered, so a log such as `python probe.py > probe.log 2>&1` stays short and in order."""
+    if sys.stderr.isatty():
+        return tqdm(dynamic_ncols=True, **kw)
+    getattr(sys.stdout, 'reconfigure', lambda **_: None)(line_buffering=True)
+    return tqdm(file=_LogLines(), mininterval=30, **kw)
+
+
 def _worker_init():
     torch.set_num_threads(1)  # one process per core already; more threads would oversubscribe
 
@@ -365,9 +387,8 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
     # spawn, not fork: the parent may hold torch/OpenMP threads, and a forked child of those can hang
     pool = mp.get_context('spawn').Pool(workers, initializer=_worker_init) if workers > 1 else None
     results = pool.imap(work, flat, chunksize=2) if pool else map(work, flat)
-    from tqdm import tqdm
     try:
-        with tqdm(total=len(flat), desc=f"{prefix} preprocess", dynamic_ncols=True, disable=not flat) as bar:
+        with progress(total=len(flat), desc=f"{prefix} preprocess", disable=not flat) as bar:
             for path, rs, sha in todo:
                 samples, fails = [], []
                 for r in rs:

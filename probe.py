@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import adapters
 import data
 import views
-from adapters import LABELS
 from model import ModelConfig, SparseMedicalViT
 from train import configure, load_weights
 
@@ -207,13 +207,12 @@ def embed(model, ds, device, token_budget=token_budget, workers=num_workers, des
     'y' (N, K), 'patient' (N,) str, 'id' (N,) str}. Batches hold at most token_budget tokens (one larger
     sample goes alone), so memory is bounded by the budget, not by the data set; the workers pack them
     (data.iterate_whole) and the device makes floats of the int8 patches."""
-    from tqdm import tqdm
     model.eval()
     bf16 = device.type == "cuda"  # flash path on GPU; exact fp32 on CPU
     out = {"x": [], "y": [], "patient": [], "id": []}
     loader = data.iterate_whole(ds, token_budget, workers=workers, patch=model.cfg.patch, alpha=model.cfg.alpha,
                                 pin_memory=device.type == "cuda")
-    with tqdm(total=len(ds), desc=desc, dynamic_ncols=True, leave=False) as bar:
+    with data.progress(total=len(ds), desc=desc, leave=False) as bar:
         for b in loader:
             packed = views.augment(b["packed"].to(device, non_blocking=True), b["aug"])  # identity: q / 127
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
@@ -432,7 +431,7 @@ def main(cfg: dict):
                 enc, data.ShardDataset(sp["glob"]), dev, cfg["token_budget"], cfg["num_workers"], f"{name} {sname} {split}"))
         return store[name, sname, split]
 
-    rows, labels = [], list(LABELS)
+    rows, labels = [], list(adapters.LABELS)
     for e in encoders:
         e[1].to(dev)
         for lp, names, tsets in runs:

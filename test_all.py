@@ -10,6 +10,7 @@ import datetime
 import errno
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -710,6 +711,18 @@ def test_runner_parallel_matches_serial(tmp_path):
     a, b = ShardDataset(tmp_path / "a"), ShardDataset(tmp_path / "b")
     assert list(a.id) == list(b.id)
     assert all(np.array_equal(a[i]['image'], b[i]['image']) for i in range(len(a)))
+
+
+def test_progress_bars_print_rarely_and_in_plain_lines_in_a_log(monkeypatch):
+    log = io.StringIO()  # stderr redirected to a file: not a TTY
+    monkeypatch.setattr(sys, "stderr", log)
+    with data.progress(total=1000, desc="x") as bar:
+        for _ in range(1000):
+            bar.update()
+    assert bar.mininterval >= 30 and "\r" not in log.getvalue() and log.getvalue().count("\n") <= 3
+    assert log.getvalue().splitlines()[-1].startswith("x: 100%|")
+    monkeypatch.setattr(log, "isatty", lambda: True, raising=False)  # a terminal: redrawn in place, often
+    assert data.progress(total=1, file=io.StringIO()).mininterval < 1
 
 
 # ----------------------------------------------------------------------------- views

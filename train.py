@@ -29,9 +29,9 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import adapters
 import data
 import views
-from adapters import LABELS
 from lejepa import Projector, lejepa_loss
 from model import ModelConfig, SparseMedicalViT, PRESETS
 
@@ -235,7 +235,7 @@ def main(cfg: dict):
     mcfg = ModelConfig(**PRESETS[cfg["preset"]])
     encoder = SparseMedicalViT(mcfg)
     head = (Projector(mcfg.dim, cfg["proj_hidden"], cfg["proj_dim"]) if cfg["objective"] == "lejepa"
-            else nn.Linear(mcfg.dim, len(LABELS)))
+            else nn.Linear(mcfg.dim, len(adapters.LABELS)))
     net = Net(encoder, head).to(device)
     decay = [p for p in net.parameters() if p.dim() >= 2]
     no_decay = [p for p in net.parameters() if p.dim() < 2]
@@ -286,10 +286,7 @@ def main(cfg: dict):
                               alpha=mcfg.alpha, pin_memory=device.type == "cuda")
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
-    pbar = None
-    if master:
-        from tqdm import tqdm
-        pbar = tqdm(total=cfg["max_iters"], initial=start_step, desc="train", dynamic_ncols=True)
+    pbar = data.progress(total=cfg["max_iters"], initial=start_step, desc="train") if master else None
     it = iter(loader)
     step = start_step
     t_last, tok_acc, views_acc, steps_acc, skipped = time.time(), 0, 0, 0, 0
