@@ -1,24 +1,13 @@
 """
-Real-data adapters (paper 2.4.1), used by `python data.py <name> --root R --out O`: the paper's data sets, or any folder of radiographs or CT,
-turned into records and a raw loader for data.preprocess_records.
+Raw formats (paper 2.4.1), the lowest layer: the label schema LABELS, BadInput, and per data set (or any
+folder of radiographs or CT) records and a raw loader for data.preprocess_records (python data.py <name>).
+Layouts, labels, canonical orientation, refused inputs and pitfalls: DATA.md, "Real data".
 
-    records_<name>(root, ...) -> list of dicts: id, patient_id, study_id, split ('train'|'val'|'test'),
-        labels (float32[5] in LABELS order, NaN = unknown), modality ('2d'|'3d'), path (+ loader keys)
-    load_xray(rec)     -> (H, W) float32 radiograph as displayed, bright = dense (MONOCHROME1 inverted)
-    load_ct(rec)       -> (hu (Z, H, W) float32 in canonical orientation, spacing_zyx in mm)
-    load_radchest(rec) -> the same, from a RAD-ChestCT .npz
-
-Canonical 3D orientation, shared with phantom.py: Z = axial slices inferior -> superior, H = anterior
--> posterior, W = patient right -> left (an axial slice as a radiologist displays it); nibabel axis
-codes ('S', 'P', 'L'). Each format states its axes (NIfTI affine, DICOM orientation/position tags, a
-data set's documented layout) and _reorient alone flips/transposes them to the canonical ones.
-Radiographs stay as stored: rows superior -> inferior, columns patient right -> left.
-
-Anything unusable raises BadInput(reason), which the runner skips and counts (README: the table of
-refused inputs); a record with an 'error' key (e.g. no label row) fails the same way when loaded.
-
-Layouts, column names and their sources: ../shared/DATASETS.md. Commands and pitfalls: DATA.md, "Real data".
-Pillow, pydicom and nibabel are optional extras, imported inside the functions that need them.
+    records_<name>(root, ...) -> dicts: id, patient_id, study_id, split, labels (float32[5] in LABELS
+        order, NaN unknown), modality ('2d'|'3d'), path (+ loader keys; an 'error' key fails it on load)
+    load_xray(rec) -> (H, W) float32, bright = dense; load_ct(rec), load_radchest(rec) -> (hu (Z, H, W)
+        float32, spacing_zyx mm) with Z inferior -> superior, H anterior -> posterior, W right -> left
+Anything unusable raises BadInput(reason). Pillow, pydicom and nibabel are optional, imported where used.
 """
 
 import csv
@@ -35,8 +24,7 @@ LABELS = ('ATEL', 'CARD', 'CONS', 'LO', 'EFF')  # Atelectasis, Cardiomegaly, Con
 
 
 class BadInput(ValueError):
-    """An input that cannot become a sample (corrupt, NaN, constant, too small, ...). The message is the
-    human reason; data.preprocess_records skips the sample and lists it in its report."""
+    """An input that cannot become a sample (corrupt, NaN, constant, too small, ...); the message says why."""
 
 
 CANONICAL = ('S', 'P', 'L')  # nibabel axis codes of (Z, H, W): inferior->superior, A->P, R->L
@@ -79,7 +67,7 @@ def _read_csv(path):
 
 
 def _glob(root, pattern, required=False):
-    """Matches in root and up to two folders down (the CSVs of a data set sit near its top)."""
+    """Matches in root and up to two folders down (a data set's CSVs sit near its top)."""
     hits = sorted(p for d in ('', '*', '*/*') for p in glob.glob(os.path.join(root, d, pattern)))
     if required and not hits:
         raise FileNotFoundError(f'{root}: no file matching {pattern}; see DATA.md "Real data" for the layout')
@@ -106,8 +94,7 @@ def _columns(header, wanted, path, required=True):
 
 
 def _value(v, blank, where):
-    """CheXpert value convention: 1 positive, 0 negative, -1 uncertain -> NaN (the CheXpert paper's
-    U-Ignore: an uncertain mention is neither), blank (not mentioned) -> `blank`."""
+    """CheXpert convention: 1, 0, -1 uncertain -> NaN (U-Ignore), blank (not mentioned) -> `blank`."""
     v = (v or '').strip()
     try:
         return blank if v == '' else np.nan if float(v) == -1 else float(v)
@@ -116,13 +103,13 @@ def _value(v, blank, where):
 
 
 def _labels(row, cols, blank, path):
-    """float32[5] in LABELS order from the resolved label columns; an absent column (None) -> NaN."""
+    """float32[5] in LABELS order from the label columns; an absent column (None) -> NaN."""
     return np.array([np.nan if c is None else _value(row.get(c), blank, f'{path}, column {c!r}')
                      for c in cols], np.float32)
 
 
 def _hash_split(key, val_frac, test_frac=0.0):
-    """Deterministic patient-level split (md5, not Python's salted hash): same answer on every run."""
+    """Patient-level split by md5 (not Python's salted hash): the same on every run."""
     u = int(hashlib.md5(key.encode()).hexdigest()[:8], 16) / 2 ** 32
     return 'test' if u < test_frac else 'val' if u < test_frac + val_frac else 'train'
 
@@ -138,9 +125,8 @@ def _record(id, patient_id, study_id, split, labels, modality, path, error=None,
 # ----------------------------------------------------------------------------- data sets
 
 def records_mimic(root, blank=0.0):
-    """MIMIC-CXR-JPG 2.x: one frontal image per study (paper 2.4.1), the official split, CheXpert
-    labels. blank=0.0: the labeller leaves a finding blank when the report does not mention it, and a
-    report names what is there, so unmentioned counts as absent; pass np.nan to treat it as unknown."""
+    """MIMIC-CXR-JPG 2.x: one frontal image per study (PA before AP), the official split, CheXpert labels;
+    blank=0.0: a finding the report does not mention is absent (np.nan: unknown)."""
     meta, split, lab = (_one(root, f'*-{n}.csv*') for n in ('metadata', 'split', 'chexpert'))
     split_of = {r['dicom_id']: SPLITS.get(r['split'].strip()) for r in _read_csv(split)[1]}
     header, rows = _read_csv(lab)
@@ -162,9 +148,8 @@ def records_mimic(root, blank=0.0):
 
 
 def records_chexpert(root):
-    """CheXpert radiologist-labelled sets, CheXlocalize layout (root holds test/, val/,
-    test_labels.csv, val_labels.csv): every frontal image (the paper's n=668 counts images, not
-    studies); lateral images are left out, as for MIMIC. val_labels.csv, if present, gives split val."""
+    """CheXpert's radiologist-labelled sets in the CheXlocalize layout (test/, test_labels.csv, optionally
+    val/, val_labels.csv): every frontal image (the paper's n=668 counts images)."""
     recs = []
     for name, split in (('test_labels.csv', 'test'), ('val_labels.csv', 'val')):
         path = os.path.join(root, name)
@@ -184,12 +169,9 @@ def records_chexpert(root):
 
 
 def records_ctrate(root, val_frac=VAL_FRAC):
-    """CT-RATE (root = its dataset/ folder): every listed volume; train is split train/val by patient
-    hash, valid is the internal test set (paper 2.4.1). A `{split}_fixed` folder (CT-RATEv2), when
-    present, is used: its headers carry spacing, orientation and the HU scaling. The original folders
-    have placeholder headers, so slope, intercept and spacing come from the metadata CSV (CT-CLIP
-    issue 28) and the axes from CTRATE_AXES. Label rows whose volume is not on disk fail with 'file not
-    found' in the report (a partial download shows up there); volumes without a label row are ignored."""
+    """CT-RATE (root = its dataset/ folder): every volume of the label CSVs; train is split train/val by
+    patient hash, valid is the test set. `{split}_fixed` folders are read by their headers; the original
+    ones have placeholder headers, so HU scaling and spacing come from the metadata CSV, axes CTRATE_AXES."""
     _glob(root, '*_predicted_labels.csv', required=True)  # fail early, with the layout hint
     recs = []
     for folder, meta_csv, lab_csv in (('train', 'train_metadata.csv', 'train_predicted_labels.csv'),
@@ -220,9 +202,8 @@ def records_ctrate(root, val_frac=VAL_FRAC):
 
 
 def records_radchest(root):
-    """RAD-ChestCT (Zenodo 6406114): <NoteAcc_DEID>.npz anywhere under root, split by the trn/val/tst
-    prefix, each finding the max over its `<token>*<location>` columns (whole token, so 'nodule' does
-    not catch 'nodulegr1cm'). Patients from Summary_3630.csv when present."""
+    """RAD-ChestCT (Zenodo 6406114): <NoteAcc_DEID>.npz anywhere under root, split by the trn/val/tst prefix,
+    a finding the max over its `<token>*<location>` columns (whole tokens); patients from Summary_*.csv."""
     files = {os.path.basename(p)[:-4]: p for p in glob.glob(os.path.join(root, '**', '*.npz'), recursive=True)}
     summary = _one(root, 'Summary_*.csv', required=False)
     patient = {r['NoteAcc_DEID']: r['MRN_DEID'] for r in _read_csv(summary)[1]} if summary else {}
@@ -244,11 +225,9 @@ def records_radchest(root):
 
 
 def records_folder(root, modality='xray', labels=None, val_frac=VAL_FRAC, test_frac=TEST_FRAC):
-    """Any folder. xray: every file is one radiograph (PNG/JPG/DICOM). ct: every NIfTI file, and every
-    folder holding DICOM files, is one volume. Other files become records that fail with 'unknown file
-    type', so the report lists them. Optional labels CSV: a `path` column (relative to root) and any of
-    the label columns (LABELS codes or full names; 1/0/-1/blank as CheXpert, blank = unknown), optional
-    `patient_id` and `split` columns; otherwise each file is its own patient, split by hash."""
+    """Any folder: xray, every file a radiograph; ct, every NIfTI file and every folder of DICOM files a
+    volume (other files fail as 'unknown file type'). Optional labels CSV: `path` (relative to root), label
+    columns, `patient_id`, `split`; without it each file is its own patient, split by hash."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f'--root {root} is not a folder')
     two_d, items = modality == 'xray', []
@@ -281,21 +260,16 @@ def records_folder(root, modality='xray', labels=None, val_frac=VAL_FRAC, test_f
 # ----------------------------------------------------------------------------- raw loaders
 
 def _kind(path):
-    """'picture', 'dicom', 'nifti', 'series' (a folder) or 'unknown'. DICOM files are recognised by
-    the 'DICM' marker too, since PACS exports often have no extension."""
+    """'picture', 'dicom' (by extension or the 'DICM' marker), 'nifti', 'series' (a folder) or 'unknown'."""
     p = path.lower()
-    if os.path.isdir(path):
-        return 'series'
-    if p.endswith(('.png', '.jpg', '.jpeg')):
-        return 'picture'
-    if p.endswith(('.nii', '.nii.gz')):
-        return 'nifti'
+    if os.path.isdir(path) or p.endswith(('.png', '.jpg', '.jpeg', '.nii', '.nii.gz')):
+        return 'series' if os.path.isdir(path) else 'nifti' if p.endswith(('.nii', '.nii.gz')) else 'picture'
     with open(path, 'rb') as f:
         return 'dicom' if p.endswith('.dcm') or f.read(132)[128:] == b'DICM' else 'unknown'
 
 
 def _usable(rec):
-    """The record's path, once it exists and is not empty; a record's own error comes first."""
+    """The record's path, once it exists and is not empty; the record's own error first."""
     path = rec['path']
     if rec.get('error'):
         raise BadInput(rec['error'])
@@ -335,8 +309,7 @@ def _read_picture(path):
 
 
 def _read_dicom(path):
-    """(dataset, pixels float32 after RescaleSlope/Intercept). Colour DICOM is refused: DX/CR/CT
-    images are MONOCHROME by the standard, so colour means a secondary capture with burned-in marks."""
+    """(dataset, pixels float32 after RescaleSlope/Intercept); colour is refused (DX/CR/CT are MONOCHROME)."""
     pydicom = _need('pydicom')
     try:
         ds = pydicom.dcmread(path)
@@ -357,8 +330,7 @@ def _read_dicom(path):
 
 
 def load_xray(rec):
-    """Raw radiograph (H, W) float32 from PNG/JPG or DICOM, bright = dense: MONOCHROME1 (white = low
-    value) is inverted rather than refused, since min-max normalisation then treats both alike."""
+    """Raw radiograph (H, W) float32 from PNG/JPG or DICOM, bright = dense (MONOCHROME1 inverted)."""
     path = _usable(rec)
     kind = _kind(path)
     if kind == 'picture':
@@ -372,14 +344,14 @@ def load_xray(rec):
 
 
 def _axes_matrix(codes, spacing):
-    """3x3 matrix, column k = RAS direction of array axis k times its spacing, from axis codes."""
+    """3x3 matrix from axis codes: column k = RAS direction of array axis k times its spacing."""
     unit = {'R': (1, 0, 0), 'L': (-1, 0, 0), 'A': (0, 1, 0), 'P': (0, -1, 0), 'S': (0, 0, 1), 'I': (0, 0, -1)}
     return np.array([unit[c] for c in codes], float).T * np.asarray(spacing, float)
 
 
 def _reorient(a, m):
-    """Flip/transpose a 3D array whose axes are described by m (RAS, see _axes_matrix) into the
-    CANONICAL (Z, H, W). Oblique axes snap to the nearest one (no resampling, as for gantry tilt)."""
+    """Flip/transpose a 3D array with axes m (RAS, as _axes_matrix) to the CANONICAL (Z, H, W), and its
+    spacing with it. Oblique axes snap to the nearest one (no resampling)."""
     ornt = _need('nibabel.orientations')
     aff = np.eye(4)
     aff[:3, :3] = m
@@ -394,8 +366,8 @@ def _reorient(a, m):
 
 
 def _volume(a, m):
-    """Checked, canonical (hu (Z, H, W), spacing_zyx). The HU test catches both CT-RATE pitfalls:
-    stored values never rescaled (no air) and slope/intercept applied twice (median below air)."""
+    """Checked, canonical (hu (Z, H, W), spacing_zyx); the HU test catches values never rescaled (no air)
+    and slope/intercept applied twice (median below air)."""
     hu, spacing = _reorient(_image(a, 3), m)
     if hu.min() > AIR_MAX_HU:
         raise BadInput(f'not in HU: no air (minimum {hu.min():.0f} > {AIR_MAX_HU}); slope/intercept missing?')
@@ -408,9 +380,8 @@ def _volume(a, m):
 
 
 def _read_nifti(path, rec):
-    """(array, axes matrix). Geometry and scaling the record carries (original CT-RATE) win over the
-    header; otherwise the header's: scl_slope/scl_inter through get_fdata (so *_fixed CT-RATE is HU
-    once, never twice) and the qform/sform affine."""
+    """(array, axes matrix): the record's scaling and geometry (original CT-RATE) if it has them, else the
+    header's (scl_slope/scl_inter through get_fdata, so HU once, never twice; the qform/sform affine)."""
     nib = _need('nibabel')
     try:
         img = nib.load(path)
@@ -428,8 +399,8 @@ def _read_nifti(path, rec):
 
 
 def _read_series(folder):
-    """One DICOM series per folder -> ((Z, rows, cols) HU, axes matrix), slices sorted by their
-    ImagePositionPatient along the slice normal (InstanceNumber and file names are not reliable)."""
+    """One DICOM series per folder -> ((Z, rows, cols) HU, axes matrix), slices sorted by ImagePositionPatient
+    along the slice normal (InstanceNumber and file names are not reliable)."""
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if _kind(os.path.join(folder, f)) == 'dicom')
     slices = []
     for f in files:
@@ -485,34 +456,3 @@ def load_radchest(rec):
 def load_folder(rec):
     """`python data.py folder`: a radiograph or a CT, by the record's modality."""
     return load_xray(rec) if rec['modality'] == '2d' else load_ct(rec)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-ADAPTERS = {  # python data.py <name> --root R --out O: records function, raw loader
-    'mimic': (records_mimic, load_xray),
-    'chexpert': (records_chexpert, load_xray),
-    'ctrate': (records_ctrate, load_ct),
-    'radchest': (records_radchest, load_radchest),
-    'folder': (records_folder, load_folder),
-}
-
-
-def add_adapter_args(parser):
-    g = parser.add_argument_group('real-data adapters')
-    g.add_argument('--modality', choices=('xray', 'ct'), default='xray', help='folder: radiographs or CT')
-    g.add_argument('--labels', default=None, help='folder: CSV with a path column and label columns')
-    g.add_argument('--blank', choices=('zero', 'nan'), default='zero',
-                   help='mimic: a CheXpert label left blank (not mentioned) is negative or unknown')
-    g.add_argument('--val_frac', type=float, default=VAL_FRAC, help='ctrate, folder: patients hashed to val')
-    g.add_argument('--test_frac', type=float, default=TEST_FRAC, help='folder: patients hashed to test')
-
-
-def adapter_records(name, args):
-    """(records, load_fn) for an adapter name and the parsed CLI arguments."""
-    kwargs = {'mimic': dict(blank=0.0 if args.blank == 'zero' else np.nan),
-              'ctrate': dict(val_frac=args.val_frac),
-              'folder': dict(modality=args.modality, labels=args.labels, val_frac=args.val_frac,
-                             test_frac=args.test_frac)}.get(name, {})
-    records_fn, load_fn = ADAPTERS[name]
-    return records_fn(args.root, **kwargs), load_fn

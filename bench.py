@@ -1,23 +1,21 @@
 """
 Measure the efficiency claim of paper section 2.1.2 (packing removes padding overhead) and where time
-goes, on the current device, in one run. Medians over repetitions after warm-up.
+goes, on this device, in one run; medians over repetitions after a warm-up. The last line printed is
+one JSON object with every figure.
 
     python bench.py                      # CPU: tiny preset, ~2 minutes
     python bench.py --preset=small       # CUDA: also model TFLOP/s vs the device's matmul TFLOP/s
 
-1. packed vs padded: one full training step (encoder + projector + LeJEPA loss, backward, AdamW) on a
-   realistic mixed batch (3 2D : 1 3D samples, 2 global + 8 local views each, from the real view
-   sampler on phantom shards), (a) packed through the project's attention path, (b) padded to the
-   longest view with a key-padding mask. ideal_ratio = FLOPs(padded) / FLOPs(packed) (block linears
-   and attention counted), speedup = time(padded) / time(packed), efficiency = speedup / ideal_ratio.
-2. scaling: step time and peak memory at 1x, 2x, 4x the batch; the share of the step spent in patch
+1. packed vs padded: one full LeJEPA training step on a realistic mixed batch (3 2D : 1 3D samples, 10
+   views each, from the real loader on phantom shards), packed through the project's attention path or
+   padded to the longest view with a key-padding mask; ideal_ratio = FLOPs(padded) / FLOPs(packed),
+   speedup = time(padded) / time(packed), efficiency = speedup / ideal_ratio.
+2. scaling: step time and peak memory at 1x, 2x, 4x the batch, and the share of the step spent in patch
    embedding, attention, MLP, SIGReg and the optimizer.
-3. loader: views per second per DataLoader worker, 2D and 3D, from shards through the real sampler.
-4. CUDA only: achieved model TFLOP/s for 'small' and 'base' in bf16 next to a large bf16 matmul.
-5. host: at the paper's per-rank share, the training process's time per step from receiving a batch to
-   handing it to the device (host_main_ms), one worker's time per batch (host_worker_ms), the bytes
-   moved to the device (host_bytes) and the workers per GPU that keep up with a gpu_step_ms step.
-The last line printed is one JSON object with every figure.
+3. loader: views per second per DataLoader worker, 2D and 3D.
+4. CUDA only: model TFLOP/s for 'small' and 'base' in bf16 next to a large bf16 matmul.
+5. host, at the paper's per-rank share: the training process's time from a batch to the device, one
+   worker's time per batch, the bytes moved, and the workers per GPU that keep up with a gpu_step_ms step.
 """
 
 import json
@@ -52,6 +50,7 @@ host_2d, host_3d = 96, 32  # part 5: one rank's share of the paper's step on 2 G
 host_token_budget = 32768  # part 5: tokens per micro-batch
 gpu_step_ms = 40.0         # part 5: the GPU step the workers must keep up with (ViT-S, 83k tokens, H100 at 40% MFU)
 # -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
 
 
 def padded_encoder_forward(enc: SparseMedicalViT, packed):
@@ -101,6 +100,17 @@ def median_time(fn, reps: int, sync) -> float:
     return statistics.median(ts)
 
 
+def lejepa_step(enc, proj, opt, packed, B, V, amp, forward=None):
+    """One full training step on B samples x V views: encoder (or forward(enc, packed)), projector, LeJEPA
+    loss, backward, AdamW."""
+    with amp:
+        z = proj(forward(enc, packed) if forward else enc(packed)).float().view(B, V, -1).transpose(0, 1)  # (V, B, K)
+        loss, _, _ = lejepa_loss(z, n_global=2, lam=0.025, num_slices=1024, step=0)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def reference_batch(ds2d, ds3d, n2d, n3d, crop, seed, dev):
     """A realistic mixed batch from the real loader as one packed micro-batch on dev, augmented there;
     views sample-major, so embeddings reshape to (B, V, ...). Returns (packed, V)."""
@@ -114,14 +124,12 @@ def packed_bytes(p) -> int:
 
 
 def host(cfg, dev, sync) -> dict:
-    """5. The host side at the paper's per-rank share (2 GPUs: 96 2D + 32 3D samples, 10 views each) on
-    synthetic int8 images at paper sizes in real shards: one DataLoader worker building steps back to back
-    (host_worker_ms), then, with the next batch ready, the training process receiving it (host_receive_ms:
-    unpickling, and freeing the previous batch), cutting its micro-batches and moving them to the device
-    (host_main_ms), and augment() there (host_device_prep_ms; on a CPU the CPU stands in)."""
+    """5. The host at the paper's per-rank share (2 GPUs: 96 2D + 32 3D samples, 10 views) on synthetic int8
+    images at paper sizes in real shards: a worker building steps back to back (host_worker_ms); with the
+    next batch ready, the training process receiving it (host_receive_ms: unpickling, freeing the last one),
+    cutting and moving its micro-batches (host_main_ms), and augment() on the device (host_device_prep_ms)."""
     import tempfile
     rng = np.random.default_rng(0)
-    out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mod, n, shape in (("2d", cfg["host_2d"], (1, 224, 182)), ("3d", cfg["host_3d"], (1, 84, 112, 98))):
             data.write_shard(f"{tmp}/synthetic_train_{mod}_00000.h5", [dict(
@@ -160,7 +168,7 @@ def host(cfg, dev, sync) -> dict:
             prep.append(time.perf_counter() - t)
             nbytes.append(sum(packed_bytes(pk) + aug.nbytes for pk, aug in micro))
         tokens = sum(pk.num_tokens for pk, _ in micro)
-    out.update(host_main_ms=1e3 * statistics.median(main), host_main_cpu_ms=1e3 * statistics.median(cpu),
+    out = dict(host_main_ms=1e3 * statistics.median(main), host_main_cpu_ms=1e3 * statistics.median(cpu),
                host_receive_ms=1e3 * statistics.median(r[0] for r in recv),
                host_receive_cpu_ms=1e3 * statistics.median(r[1] for r in recv),
                host_worker_ms=1e3 * worker, host_worker_cpu_ms=1e3 * statistics.median(cpu_w),
@@ -168,15 +176,14 @@ def host(cfg, dev, sync) -> dict:
                host_gpu_step_ms=cfg["gpu_step_ms"], host_micro_batches=len(micro), host_tokens=tokens,
                host_workers_per_gpu=math.ceil(1e3 * worker / cfg["gpu_step_ms"]), load_avg=os.getloadavg()[0])
     print(f"\n5. host at the paper's per-rank share: {cfg['host_2d']} 2D (224x182) + {cfg['host_3d']} 3D (84x112x98) "
-          f"samples x 10 views, {tokens} tokens, {len(micro)} micro-batches (median of {cfg['reps']})")
-    print(f"   training process, batch received -> on the device: {out['host_main_ms']:.1f} ms "
-          f"({out['host_main_cpu_ms']:.1f} ms of its own CPU time; target <= 10); {out['host_bytes'] / 2 ** 20:.0f} MiB moved")
-    print(f"   before that, receiving it from the worker: {out['host_receive_ms']:.1f} ms ({out['host_receive_cpu_ms']:.1f} ms "
-          f"CPU; with pin_memory, on CUDA, the DataLoader's pinning thread does this)")
-    print(f"   one worker, one step's batch: {out['host_worker_ms']:.0f} ms ({out['host_worker_cpu_ms']:.0f} ms of CPU "
-          f"time; target <= 250): "
-          f"{out['host_workers_per_gpu']} workers per GPU keep up with a {cfg['gpu_step_ms']} ms GPU step")
-    print(f"   augment() on {dev.type}: {out['host_device_prep_ms']:.0f} ms; load average {out['load_avg']:.1f} "
+          f"samples x 10 views, {tokens} tokens, {len(micro)} micro-batches (median of {cfg['reps']})\n"
+          f"   training process, batch received -> on the device: {out['host_main_ms']:.1f} ms ({out['host_main_cpu_ms']:.1f}"
+          f" ms of its own CPU time; target <= 10); {out['host_bytes'] / 2 ** 20:.0f} MiB moved\n"
+          f"   before that, receiving it from the worker: {out['host_receive_ms']:.1f} ms ({out['host_receive_cpu_ms']:.1f}"
+          f" ms CPU; with pin_memory, on CUDA, the DataLoader's pinning thread does this)\n"
+          f"   one worker, one step's batch: {out['host_worker_ms']:.0f} ms ({out['host_worker_cpu_ms']:.0f} ms of CPU time; "
+          f"target <= 250): {out['host_workers_per_gpu']} workers per GPU keep up with a {cfg['gpu_step_ms']} ms GPU step\n"
+          f"   augment() on {dev.type}: {out['host_device_prep_ms']:.0f} ms; load average {out['load_avg']:.1f} "
           f"(others' work on the machine inflates wall times)")
     return out
 
@@ -187,8 +194,7 @@ def main(cfg):
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     data.ensure_phantom(cfg["data_dir"])  # generated on first use, finished if interrupted
-    ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d")
-    ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d")
+    ds2d, ds3d = (data.ShardDataset(cfg["data_dir"], split="train", modality=m) for m in ("2d", "3d"))
     crop = views.MultiCrop()
     out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu x{cfg['threads']} threads",
            "torch": str(torch.__version__), "preset": cfg["preset"]}
@@ -197,25 +203,15 @@ def main(cfg):
     torch.manual_seed(cfg["seed"])
     mcfg = ModelConfig(**PRESETS[cfg["preset"]])
     enc, proj = SparseMedicalViT(mcfg).to(dev), Projector(mcfg.dim, 1024, 128).to(dev)
-    params = list(enc.parameters()) + list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+    opt = torch.optim.AdamW([*enc.parameters(), *proj.parameters()], lr=1e-4, weight_decay=0.05)
     packed, V = reference_batch(ds2d, ds3d, cfg["samples_2d"], cfg["samples_3d"], crop, cfg["seed"], dev)
     B = cfg["samples_2d"] + cfg["samples_3d"]
     print(f"{enc.describe(dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)}")
     print(f"reference batch: {cfg['samples_2d']} 2D + {cfg['samples_3d']} 3D samples x {V} views = {packed.num_views} views, "
           f"{packed.num_tokens} tokens, views of {min(packed.seqlens)}-{packed.max_seqlen} tokens")
 
-    def step(forward):
-        def run():
-            with amp:
-                z = proj(forward(enc, packed)).float().view(B, V, -1).transpose(0, 1)  # (V, B, K)
-                loss, _, _ = lejepa_loss(z, n_global=2, lam=0.025, num_slices=1024, step=0)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return run
-    t_packed = median_time(step(lambda e, p: e(p)), cfg["reps"], sync)
-    t_padded = median_time(step(padded_encoder_forward), cfg["reps"], sync)
+    t_packed = median_time(lambda: lejepa_step(enc, proj, opt, packed, B, V, amp), cfg["reps"], sync)
+    t_padded = median_time(lambda: lejepa_step(enc, proj, opt, packed, B, V, amp, padded_encoder_forward), cfg["reps"], sync)
     proj_params = sum(p.numel() for p in proj.parameters())
     f_packed = step_flops(mcfg, packed.seqlens, proj_params)
     f_padded = step_flops(mcfg, [packed.max_seqlen] * packed.num_views, proj_params)
@@ -224,29 +220,20 @@ def main(cfg):
                step_s_packed=t_packed, step_s_padded=t_padded, ideal_ratio=ideal, speedup=speedup,
                efficiency=speedup / ideal, tok_s_packed=packed.num_tokens / t_packed,
                tok_s_padded=packed.num_tokens / t_padded)
-    print(f"\n1. packed vs padded (full LeJEPA step, median of {cfg['reps']})")
-    print(f"   packed {t_packed * 1e3:8.1f} ms  {out['tok_s_packed'] / 1e3:7.1f}k tok/s")
-    print(f"   padded {t_padded * 1e3:8.1f} ms  {out['tok_s_padded'] / 1e3:7.1f}k tok/s (real tokens)  "
-          f"{out['padded_tokens']} tokens computed")
-    print(f"   ideal_ratio {ideal:.2f}  speedup {speedup:.2f}  efficiency {speedup / ideal:.2f}")
+    print(f"\n1. packed vs padded (full LeJEPA step, median of {cfg['reps']})\n"
+          f"   packed {t_packed * 1e3:8.1f} ms  {out['tok_s_packed'] / 1e3:7.1f}k tok/s\n"
+          f"   padded {t_padded * 1e3:8.1f} ms  {out['tok_s_padded'] / 1e3:7.1f}k tok/s (real tokens)  "
+          f"{out['padded_tokens']} tokens computed\n"
+          f"   ideal_ratio {ideal:.2f}  speedup {speedup:.2f}  efficiency {speedup / ideal:.2f}")
 
     # 2. scaling with the batch, and where the time goes
     print("\n2. scaling")
     out["scaling"] = []
     for mult in (1, 2, 4):
         pk, _ = reference_batch(ds2d, ds3d, cfg["samples_2d"] * mult, cfg["samples_3d"] * mult, crop, cfg["seed"] + mult, dev)
-        Bm = B * mult
-
-        def run(pk=pk, Bm=Bm):
-            with amp:
-                z = proj(enc(pk)).float().view(Bm, V, -1).transpose(0, 1)
-                loss, _, _ = lejepa_loss(z, n_global=2, lam=0.025, num_slices=1024, step=0)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t = median_time(run, max(2, cfg["reps"] // 2), sync)
+        t = median_time(lambda: lejepa_step(enc, proj, opt, pk, B * mult, V, amp), max(2, cfg["reps"] // 2), sync)
         # CPU: the process's peak resident memory so far (monotone, so growth shows only past the last max)
         mem = (torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda"
                else __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2 ** 20)
@@ -267,9 +254,8 @@ def main(cfg):
             n += next(it)["packed"].num_views
         out[f"loader_views_s_{name}"] = n / (time.perf_counter() - t)
         print(f"   {name}: {out[f'loader_views_s_{name}']:8.0f} views/s per worker")
-    views_per_step = packed.num_views
-    per_view = (cfg["samples_2d"] / out["loader_views_s_2d"] + cfg["samples_3d"] / out["loader_views_s_3d"]) * V / views_per_step
-    out["workers_needed"] = views_per_step / t_packed * per_view
+    # a step needs samples x V views; a worker makes loader_views_s of them per second
+    out["workers_needed"] = (cfg["samples_2d"] / out["loader_views_s_2d"] + cfg["samples_3d"] / out["loader_views_s_3d"]) * V / t_packed
     print(f"   workers needed to feed the measured packed step: {out['workers_needed']:.2f}")
 
     # 4. CUDA: model FLOP/s against the device's own matmul FLOP/s
@@ -329,15 +315,8 @@ def cuda_utilisation(ds2d, ds3d, crop, cfg, sync) -> dict:
             saved = pack.flash_attn_varlen_func
             if path == "torch_varlen":
                 pack.flash_attn_varlen_func = None  # dispatch falls through to torch's varlen_attn
-
-            def run():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    z = proj(enc(packed)).float().view(64, V, -1).transpose(0, 1)
-                    loss, _, _ = lejepa_loss(z, 2, 0.025, 1024, 0)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            t = median_time(run, cfg["reps"], sync)
+            amp = torch.autocast("cuda", dtype=torch.bfloat16)
+            t = median_time(lambda: lejepa_step(enc, proj, opt, packed, 64, V, amp), cfg["reps"], sync)
             pack.flash_attn_varlen_func = saved
             tf = flops / t / 1e12
             res[f"{name}_{path}_tflops"] = tf
@@ -347,7 +326,4 @@ def cuda_utilisation(ds2d, ds3d, crop, cfg, sync) -> dict:
 
 
 if __name__ == "__main__":
-    defaults = {k: v for k, v in globals().items() if k in
-                ("preset", "data_dir", "samples_2d", "samples_3d", "reps", "loader_views", "device", "threads", "seed",
-                 "host_2d", "host_3d", "host_token_budget", "gpu_step_ms")}
-    main(configure(defaults, sys.argv[1:]))
+    main(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))

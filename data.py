@@ -32,6 +32,7 @@ import os
 import sys
 import time
 import zlib
+from collections import Counter
 from functools import partial
 
 import h5py
@@ -51,6 +52,7 @@ LONG_SIDE = {'2d': 224, '3d': 112}   # paper 2.4: long side after resizing
 SHARD_SIZE = {'2d': 1024, '3d': 64}  # samples per shard: ~50 MB of 2D, ~60 MB of 3D at the paper's sizes
 CT_WINDOW = (2500.0, 250.0)          # (width, level) in HU, paper 2.4: [-1000, 1500] -> [-1, 1]
 SPLITS = ('train', 'val', 'test')
+STR_KEYS = ('id', 'patient_id', 'study_id', 'modality', 'split')  # the str columns of a shard, per sample
 COMPRESSION = None     # or 'lzf' (built into h5py): 3D shards ~30% smaller, 3D reads ~1-5 ms slower (DATA.md)
 
 
@@ -60,27 +62,37 @@ class ShardError(RuntimeError):
 
 # ----------------------------------------------------------------------------- preprocessing (paper 2.4)
 
+def _checked(a, ndim) -> np.ndarray:
+    """A raw image as float32 once it passes what every input must: ndim axes, numeric, finite, not constant."""
+    what, unit = ('image', 'pixel') if ndim == 2 else ('volume', 'voxel')
+    a = np.asarray(a)
+    if a.ndim != ndim:
+        raise BadInput(f"expected a {'2D grayscale image' if ndim == 2 else '3D volume (Z, H, W)'}, got shape {a.shape}")
+    if a.dtype.kind not in 'uifb':
+        raise BadInput(f"non-numeric {unit} type {a.dtype}")
+    a = a.astype(np.float32, copy=False)
+    if not np.isfinite(a).all():
+        raise BadInput(f"{what} has NaN or inf values ({np.count_nonzero(~np.isfinite(a))} {unit}s)")
+    if a.min() == a.max():
+        raise BadInput(f"constant {what} (min = max = {float(a.min()):g})")
+    return a
+
+
 def xray_to_unit(img: np.ndarray) -> np.ndarray:
-    """Min-max normalise any numeric 2D array to float32 [-1, 1] (paper 2.4: min-max for X-rays)."""
+    """Min-max normalise a (non-constant) 2D array to float32 [-1, 1] (paper 2.4: min-max for X-rays)."""
     x = np.asarray(img, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise BadInput(f"image has NaN or inf values ({np.count_nonzero(~np.isfinite(x))} pixels)")
     lo, hi = float(x.min()), float(x.max())
-    if hi <= lo:
-        raise BadInput(f"constant image (min = max = {lo:g})")
     return np.clip((x - lo) * (2.0 / (hi - lo)) - 1.0, -1.0, 1.0)
 
 
 def hu_to_unit(hu: np.ndarray, width: float = CT_WINDOW[0], level: float = CT_WINDOW[1]) -> np.ndarray:
     """CT window: [level - width/2, level + width/2] HU -> [-1, 1], clipped outside (paper 2.4)."""
-    x = (np.asarray(hu, dtype=np.float32) - level) * (2.0 / width)
-    return np.clip(x, -1.0, 1.0)
+    return np.clip((np.asarray(hu, dtype=np.float32) - level) * (2.0 / width), -1.0, 1.0)
 
 
 def _resize(x: np.ndarray, size) -> np.ndarray:
-    """Resize a 2D or 3D float array to `size`. Axes that shrink use an area (box) filter, which averages
-    instead of skipping pixels: a 2500 px radiograph at 224 would otherwise alias its fine rib edges.
-    Axes that grow (thick CT slices) use linear interpolation. Both keep values inside the input range."""
+    """Resize a 2D or 3D float array to `size`: an area (box) filter on axes that shrink (skipping pixels
+    would alias the rib edges of a 2500 px radiograph), linear on axes that grow; both stay in range."""
     size = tuple(int(s) for s in size)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if size == x.shape:
@@ -101,9 +113,8 @@ def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
 
 
 def resample_ct(hu: np.ndarray, spacing_zyx, long_side: int = LONG_SIDE['3d']) -> np.ndarray:
-    """Spacing-aware resize of a volume (any values): the physical extent shape * spacing keeps its
-    proportions, and the physically longest axis gets `long_side` voxels. So voxels come out isotropic
-    (up to rounding): 300 x 512 x 512 voxels of (1.5, 0.7, 0.7) mm span 450 x 358 x 358 mm -> 112 x 89 x 89."""
+    """Spacing-aware resize: the physical extent keeps its proportions and its longest axis gets `long_side`
+    voxels, so voxels come out isotropic (300 x 512 x 512 of (1.5, 0.7, 0.7) mm -> 112 x 89 x 89)."""
     sp = np.asarray(spacing_zyx, dtype=np.float64)
     if sp.shape != (3,) or not np.isfinite(sp).all() or (sp <= 0).any():
         raise BadInput(f"invalid voxel spacing {tuple(spacing_zyx)}: need 3 positive mm values (z, y, x)")
@@ -111,41 +122,24 @@ def resample_ct(hu: np.ndarray, spacing_zyx, long_side: int = LONG_SIDE['3d']) -
     return _resize(hu, [max(1, round(e / extent.max() * long_side)) for e in extent])
 
 
-def _check_size(shape, what, long_side):
-    if min(shape) < PATCH:
-        raise BadInput(f"{what} is {'x'.join(map(str, shape))} after resizing its long side to {long_side}: "
+def _sample(x, what, long_side) -> np.ndarray:
+    """x as (1, ...) once every side is at least one patch."""
+    if min(x.shape) < PATCH:
+        raise BadInput(f"{what} is {'x'.join(map(str, x.shape))} after resizing its long side to {long_side}: "
                        f"smaller than one {PATCH}-pixel patch (extreme aspect ratio or too few slices)")
+    return x[None]
 
 
 def preprocess_xray(img, long_side: int = LONG_SIDE['2d']) -> np.ndarray:
     """Raw radiograph (H, W), any numeric dtype -> float32 (1, H', W') in [-1, 1], long side `long_side`."""
-    img = np.asarray(img)
-    if img.ndim != 2:
-        raise BadInput(f"expected a 2D grayscale image, got shape {img.shape}")
-    if img.dtype.kind not in 'uifb':
-        raise BadInput(f"non-numeric pixel type {img.dtype}")
-    x = resize_long_side(xray_to_unit(img), long_side)  # paper order: normalise, then downsize
-    _check_size(x.shape, 'image', long_side)
-    return x[None]  # (1, H, W)
+    x = resize_long_side(xray_to_unit(_checked(img, 2)), long_side)  # paper order: normalise, then downsize
+    return _sample(x, 'image', long_side)  # (1, H, W)
 
 
 def preprocess_ct(hu, spacing_zyx, long_side: int = LONG_SIDE['3d']) -> np.ndarray:
-    """HU volume (Z, H, W) in canonical orientation + spacing (mm) -> float32 (1, Z', H', W') in [-1, 1].
-    Windowing comes first, so the resampling averages values already clipped to the window and
-    one 3000 HU metal voxel cannot smear brightness into its neighbours."""
-    hu = np.asarray(hu)
-    if hu.ndim != 3:
-        raise BadInput(f"expected a 3D volume (Z, H, W), got shape {hu.shape}")
-    if hu.dtype.kind not in 'uif':
-        raise BadInput(f"non-numeric voxel type {hu.dtype}")
-    hu = hu.astype(np.float32, copy=False)
-    if not np.isfinite(hu).all():
-        raise BadInput(f"volume has NaN or inf values ({np.count_nonzero(~np.isfinite(hu))} voxels)")
-    if hu.min() == hu.max():
-        raise BadInput(f"constant volume (all voxels {float(hu.min()):g} HU)")
-    x = resample_ct(hu_to_unit(hu), spacing_zyx, long_side)
-    _check_size(x.shape, 'volume', long_side)
-    return x[None]  # (1, Z, H, W)
+    """HU volume (Z, H, W), canonical orientation, spacing in mm -> float32 (1, Z', H', W') in [-1, 1]. Windowing
+    first, so resampling averages clipped values and a 3000 HU metal voxel cannot brighten its neighbours."""
+    return _sample(resample_ct(hu_to_unit(_checked(hu, 3)), spacing_zyx, long_side), 'volume', long_side)  # (1, Z, H, W)
 
 
 # ----------------------------------------------------------------------------- shards
@@ -155,9 +149,8 @@ def _quantise(x: np.ndarray) -> np.ndarray:
 
 
 def write_shard(path, samples: list, meta: dict | None = None):
-    """Write samples (dicts: image float32 (1, ...) in [-1, 1] or already int8, labels, id, patient_id,
-    study_id, modality, split, optional spacing) to one shard. Written to path.tmp, then renamed, so a
-    crash never leaves a half-written shard under the real name."""
+    """Write samples (dicts: image float32 (1, ...) in [-1, 1] or int8, labels, id, patient_id, study_id,
+    modality, split, optional spacing) to one shard, via path.tmp and a rename (never half-written)."""
     n = len(samples)
     imgs = [s['image'] if s['image'].dtype == np.int8 else _quantise(s['image']) for s in samples]
     shape = np.array([(1,) + im.shape[1:] if im.ndim == 3 else im.shape[1:] for im in imgs], np.int32).reshape(n, 3)
@@ -172,12 +165,12 @@ def write_shard(path, samples: list, meta: dict | None = None):
         comp = COMPRESSION if flat.size else None  # 64 KiB chunks: a 2D read decompresses little beyond itself
         h.create_dataset('image', data=flat, compression=comp, chunks=(min(flat.size, 1 << 16),) if comp else None)
         h['offset'], h['shape'] = offset, shape
-        # per-sample CRC32 of the int8 bytes (0.3 ms per 112^3 volume): a shard truncated or overwritten
-        # after writing reads back as zeros or garbage through an open handle, never as an error (issue 8)
+        # per-sample CRC32 (0.3 ms per 112^3 volume): a shard truncated or overwritten after writing reads
+        # back as zeros or garbage through an open handle, never as an error
         h['crc32'] = np.array([zlib.crc32(np.ascontiguousarray(im)) for im in imgs], np.uint32).reshape(n)
         h['labels'] = np.array([s['labels'] for s in samples], np.float32).reshape(n, len(LABELS))
         h['spacing'] = np.array([s.get('spacing', (np.nan,) * 3) for s in samples], np.float32).reshape(n, 3)
-        for k in ('id', 'patient_id', 'study_id', 'modality', 'split'):
+        for k in STR_KEYS:
             h.create_dataset(k, data=np.array([str(s[k]) for s in samples], dtype=object), dtype=h5py.string_dtype())
     os.replace(tmp, path)
 
@@ -240,12 +233,8 @@ def _find_shards(path_or_glob) -> list:
     return sorted(glob.glob(os.path.join(p, '*.h5')) if os.path.isdir(p) else glob.glob(p))
 
 
-def has_shards(path_or_glob) -> bool:
-    return bool(_find_shards(path_or_glob))
-
-
 def check_complete(path_or_glob):
-    """ShardError if a data set read here (a folder: any data set in it) was interrupted while being
+    """ShardError if a data set read here (a folder: any in it) is being, or was interrupted while being,
     preprocessed: its report.json entry says "complete": false from the start of a run until its end."""
     p = str(path_or_glob)
     picked = [(p, None)] if os.path.isdir(p) else [os.path.split(os.path.abspath(f)) for f in _find_shards(p)]
@@ -281,8 +270,7 @@ def _prepare_one(load_fn, long_side, rec):
             hu, sp_in = raw
             img = preprocess_ct(hu, sp_in, ls)
             spacing = tuple(np.asarray(sp_in, np.float64) * np.shape(hu) / img.shape[1:])
-        keys = ('id', 'patient_id', 'study_id', 'modality', 'split')
-        return dict({k: rec[k] for k in keys}, image=_quantise(img), labels=labels, spacing=spacing), None
+        return dict({k: rec[k] for k in STR_KEYS}, image=_quantise(img), labels=labels, spacing=spacing), None
     except BadInput as e:
         return None, str(e)
     except Exception as e:  # a decoder's own error on a corrupt file; counted, never silent
@@ -315,8 +303,8 @@ def _worker_init():
 
 
 def _records_sha(recs, load_fn, long_side) -> str:
-    """Fingerprint of what a shard is built from: a re-run with other records, labels (e.g. another
-    uncertainty policy), loader or size rebuilds the shard instead of skipping it."""
+    """Fingerprint of a shard's records, labels (e.g. an uncertainty policy), loader and size: a re-run
+    with another rebuilds the shard instead of skipping it."""
     ls = sorted(long_side.items()) if isinstance(long_side, dict) else long_side
     h = hashlib.sha1(json.dumps([FORMAT_VERSION, ls, getattr(load_fn, '__qualname__', '')]).encode())
     for r in recs:
@@ -340,19 +328,18 @@ def _finished(path, sha):
 
 def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=None, workers=None,
                        long_side=None, command=None) -> dict:
-    """Load + preprocess records in parallel over CPU cores and write shards `{prefix}_{split}_{modality}_NNNNN.h5`
-    to out_dir. records: dicts with id, patient_id, study_id, split, labels (float32[5], NaN unknown),
-    modality ('2d'|'3d') and the adapter's own keys; load_fn(record) (a picklable top-level function)
-    returns the raw image, 2D (H, W) or 3D (hu (Z, H, W), spacing_zyx), or raises BadInput(reason).
-    long_side: None (paper sizes), an int, or {'2d': .., '3d': ..}. Shards already finished from the same
-    records are skipped. Returns the report (also merged into out_dir/report.json under `prefix`)."""
+    """Load + preprocess records over all CPU cores into shards `{prefix}_{split}_{modality}_NNNNN.h5` in
+    out_dir, skipping shards finished from the same records. records: dicts as adapters.py makes them;
+    load_fn(record), a picklable top-level function, returns the raw 2D (H, W) or 3D (hu, spacing_zyx) or
+    raises BadInput. long_side: None (paper sizes), an int or {'2d': .., '3d': ..}. Returns the report,
+    also merged into out_dir/report.json under `prefix` (DATA.md, "Preprocessing runner")."""
     os.makedirs(out_dir, exist_ok=True)
     command = command or f"python data.py {prefix} --root R --out {out_dir}"
     groups, seen = {}, set()
     for i, r in enumerate(records):
-        for k in ('id', 'patient_id', 'study_id', 'split', 'modality'):
-            if k not in r:
-                raise ValueError(f"{prefix} record {i} ({r.get('id', '?')}): missing field '{k}'")
+        if any(k not in r for k in STR_KEYS):
+            raise ValueError(f"{prefix} record {i} ({r.get('id', '?')}): missing field "
+                             f"'{next(k for k in STR_KEYS if k not in r)}'")
         if r['split'] not in SPLITS or r['modality'] not in LONG_SIDE:
             raise ValueError(f"{prefix} record {r['id']}: split {r['split']!r} / modality {r['modality']!r}, "
                              f"expected one of {SPLITS} / {tuple(LONG_SIDE)}")
@@ -380,7 +367,7 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
     rep['stale'] = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, f"{prefix}_*.h5"))
                           if os.path.basename(p) not in planned)
     flat = [r for _, rs, _ in todo for r in rs]
-    # "complete": false until the last shard is written: readers refuse a folder left by a killed run (check_complete)
+    # "complete": false until the last shard is written: readers refuse what a killed run left (check_complete)
     _save_report(out_dir, prefix, dict(command=command, complete=False))
     work = partial(_prepare_one, load_fn, long_side)
     workers = min(workers or os.cpu_count() or 1, max(len(flat), 1))
@@ -429,10 +416,9 @@ def _save_report(out_dir, prefix, rep):
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Samples of the shards in a folder (or matching a glob), optionally one split / modality.
-    The index (labels, ids, shapes) is read once here; the image bytes are read per item through h5py
-    handles opened lazily in the process that reads, so DataLoader workers never share a handle
-    inherited through fork (HDF5 handles are not fork-safe)."""
+    """Samples of the shards in a folder (or matching a glob), optionally one split / modality. The index
+    (labels, ids, shapes) is read here; image bytes per item through h5py handles opened lazily by the
+    process that reads, so no DataLoader worker inherits one through fork (they are not fork-safe)."""
 
     def __init__(self, path_or_glob, split=None, modality=None):
         check_complete(path_or_glob)
@@ -440,30 +426,21 @@ class ShardDataset(torch.utils.data.Dataset):
         if not self.files:
             raise FileNotFoundError(f"no shards (*.h5) at {path_or_glob}; build them with "
                                     f"`python data.py <name> --root R --out DIR` (or `python data.py phantom --out DIR`)")
-        cols = {k: [] for k in ('file', 'start', 'stop', 'shape', 'labels', 'spacing', 'id', 'patient_id',
-                                'study_id', 'modality', 'split')}
-        held = {}  # (modality, split) -> samples in these shards, for the error below
+        cols, held = {}, Counter()  # held: (modality, split) -> samples in these shards, for the error below
         for fi, path in enumerate(self.files):
             with _open_shard(path) as h:
-                off = h['offset'][:]
-                strs = {k: h[k].asstr()[:] for k in ('id', 'patient_id', 'study_id', 'modality', 'split')}
-                for ms in zip(strs['modality'], strs['split']):
-                    held[ms] = held.get(ms, 0) + 1
-                keep = np.ones(len(off) - 1, bool)
-                if split is not None:
-                    keep &= strs['split'] == split
-                if modality is not None:
-                    keep &= strs['modality'] == modality
-                cols['file'].append(np.full(keep.sum(), fi))
-                cols['start'].append(off[:-1][keep])
-                cols['stop'].append(off[1:][keep])
-                for k in ('shape', 'labels', 'spacing'):
-                    cols[k].append(h[k][:][keep])
-                # -1: a shard written before the checksums, read unchecked
-                cols.setdefault('crc32', []).append(h['crc32'][:][keep].astype(np.int64) if 'crc32' in h
-                                                    else np.full(keep.sum(), -1, np.int64))
-                for k, v in strs.items():
-                    cols[k].append(v[keep])
+                off, n = h['offset'][:], len(h['offset']) - 1
+                col = {k: h[k].asstr()[:] for k in STR_KEYS} | {k: h[k][:] for k in ('shape', 'labels', 'spacing')}
+                col.update(file=np.full(n, fi), start=off[:-1], stop=off[1:],  # crc32 -1: written before checksums
+                           crc32=h['crc32'][:].astype(np.int64) if 'crc32' in h else np.full(n, -1, np.int64))
+            held.update(zip(col['modality'], col['split']))
+            keep = np.ones(n, bool)
+            if split is not None:
+                keep &= col['split'] == split
+            if modality is not None:
+                keep &= col['modality'] == modality
+            for k, v in col.items():
+                cols.setdefault(k, []).append(v[keep])
         for k, v in cols.items():
             setattr(self, k, np.concatenate(v))
         if not len(self.id):
@@ -471,7 +448,6 @@ class ShardDataset(torch.utils.data.Dataset):
             raise ValueError(f"{path_or_glob}: no samples of split {split or 'any'!r}, modality {modality or 'any'!r} in "
                              f"its {len(self.files)} shards; it holds {holds}. Preprocess those (python data.py <name> "
                              f"--root R --out DIR) or ask for what is there (train.py: --batch_2d=0 or --batch_3d=0)")
-        self.split_filter, self.modality_filter = split, modality
         self._handles, self._pid = {}, None
 
     def __len__(self):
@@ -554,11 +530,10 @@ def micro_batches(batch: dict, n: int = 0) -> list:
 
 
 class _StepBatches(torch.utils.data.Dataset):
-    """Map-style over training steps: item s = this rank's batch of step s, cut into micro-batches and
-    packed, ready for the device. The 2D (3D) samples of global batch s are stream positions s*B ..
-    s*B + B - 1 (B = world_size * b); rank r takes the slice [r*b, (r+1)*b), so ranks never overlap, and
-    the global batch does not depend on the number of ranks. Crops are seeded by the stream position,
-    so the batch is a pure function of (seed, s, rank)."""
+    """Map-style over steps: item s = this rank's batch of step s, cropped, cut and packed. The 2D (3D)
+    samples of global batch s are stream positions s*B .. s*B + B - 1 (B = world_size * b) and rank r takes
+    [r*b, (r+1)*b): ranks never overlap and the global batch does not depend on their number. Crops are
+    seeded by the stream position, so a batch is a pure function of (seed, s, rank)."""
 
     def __init__(self, ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop, skip_bad=False, n_views=None,
                  token_budget=None, alpha=128.0):
@@ -574,9 +549,8 @@ class _StepBatches(torch.utils.data.Dataset):
         return 1 << 62  # endless; DataLoader only needs the sampler's indices
 
     def _read(self, ds, idx, skipped):
-        """(index, int8 image) of ds[idx]; with skip_bad, a sample that fails to read (ShardError) is replaced
-        by the next readable one in the dataset, and its error appended to `skipped` (logged and counted by
-        train.py)."""
+        """(index, int8 image) of ds[idx]; with skip_bad, a sample that fails to read is replaced by the next
+        readable one and its error appended to `skipped` (train.py logs and counts them)."""
         for j in range(len(ds) if self.skip_bad else 1):
             try:
                 return (idx + j) % len(ds), ds.read((idx + j) % len(ds))
@@ -615,14 +589,12 @@ class _StepBatches(torch.utils.data.Dataset):
 def make_loader(ds2d, ds3d, b2d: int, b3d: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                 start_step: int = 0, crop: MultiCrop = None, workers: int = 0, stop_step=None, skip_bad=False,
                 n_views=None, token_budget=None, alpha=128.0, pin_memory=False):
-    """This rank's batches from step `start_step` on (endless unless stop_step): b2d 2D samples then b3d
-    3D samples (stage 1: b3d = 0, ds3d may be None). Each batch is built whole by one DataLoader worker
-    (crops, micro-batch cuts, packing) and batches arrive in step order. Batch: {'packed': Packed of int8
-    patches, the first n_views (default all) views of every sample, sample-major; 'aug': (views, 4) for
-    augment(); 'views_per_sample'; 'micro': [(a, b)] sample ranges, as few as keep each under token_budget
-    tokens (default: one), see micro_batches(); 'labels': (B, 5); 'modality', 'id': lists of B; 'step': int;
-    'skipped': errors of the bad samples replaced in this batch (skip_bad; else a bad sample raises)}.
-    pin_memory: page-locked batches, for non_blocking copies to a GPU."""
+    """This rank's batches from step `start_step` on (endless unless stop_step), in step order, each built
+    whole by one DataLoader worker: b2d 2D then b3d 3D samples (stage 1: b3d = 0, ds3d may be None). Batch:
+    {'packed': Packed of int8 patches, the first n_views views of every sample, sample-major; 'aug': (views, 4)
+    for views.augment; 'views_per_sample'; 'micro': [(a, b)] sample ranges, as few as keep each under
+    token_budget tokens (see micro_batches); 'labels': (B, 5); 'modality', 'id': lists; 'step'; 'skipped':
+    errors of the bad samples replaced (skip_bad; else one raises)}. pin_memory: for non_blocking copies."""
     ds = _StepBatches(ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop or MultiCrop(), skip_bad, n_views,
                       token_budget, alpha)
     steps = range(start_step, stop_step if stop_step is not None else 1 << 62)  # the sampler yields step numbers
@@ -631,9 +603,8 @@ def make_loader(ds2d, ds3d, b2d: int, b3d: int, rank: int = 0, world_size: int =
 
 
 def pad_to_patches(x: np.ndarray, patch: int = PATCH) -> np.ndarray:
-    """An image (1, H, W) / (1, Z, H, W) padded evenly up to whole patches, which packing needs, with -1
-    (air in the CT window, black on a radiograph; -127 if int8). Padding, not trimming: a 40-slice CT
-    would lose 12 slices to a trim, and gains 2."""
+    """An image (1, H, W) / (1, Z, H, W) padded evenly to whole patches with -1 (air, black; -127 if int8).
+    Padding, not trimming: a 40-slice CT would lose 12 slices to a trim, and gains 2."""
     return np.pad(x, [(0, 0)] + [(-s % patch // 2, -s % patch - -s % patch // 2) for s in x.shape[1:]],
                   constant_values=-Q if x.dtype == np.int8 else -1.0)
 
@@ -658,11 +629,10 @@ class _WholeBatches(torch.utils.data.Dataset):
 
 def iterate_whole(ds: 'ShardDataset', token_budget: int, rank: int = 0, world_size: int = 1, workers: int = 0,
                   patch: int = PATCH, alpha: float = 128.0, pin_memory: bool = False):
-    """One pass over ds in order (rank r takes samples r, r + world_size, ...), no crop, no augmentation,
-    each image padded to whole patches (as probe.whole_view), in batches of consecutive samples of at most
-    token_budget tokens (a larger sample goes alone), cut from the index alone and packed in the workers.
-    Batch: {'packed': Packed of int8 patches, 'aug': identity rows for augment(), 'labels': (B, 5),
-    'modality', 'id', 'patient_id': lists}; augment(packed.to(device), aug) gives the float views."""
+    """One pass over ds in order (rank r takes samples r, r + world_size, ...), whole images padded to whole
+    patches, in batches of consecutive samples of at most token_budget tokens (a larger one goes alone),
+    packed in the workers. Batch: {'packed' (int8), 'aug' (identity rows: views.augment gives the floats),
+    'labels': (B, 5), 'modality', 'id', 'patient_id'}."""
     groups, toks = [], 0
     for i in range(rank, len(ds), world_size):
         n = math.prod(-(-int(s) // patch) for s in ds.shape[i][int(ds.modality[i] == '2d'):])  # tokens once padded
@@ -716,7 +686,7 @@ def ensure_phantom(data_dir, workers=None):
     no shards and no report of another data set, and finish one whose generation was interrupted (phantom.json
     "complete": false; finished shards are kept). A complete world or real data: left alone."""
     interrupted = _read_json(os.path.join(data_dir, 'phantom.json')).get('complete') is False
-    if not interrupted and (has_shards(data_dir) or _read_report(data_dir)):
+    if not interrupted and (_find_shards(data_dir) or _read_report(data_dir)):
         return
     print(f"{data_dir}: " + ("its phantom world was interrupted (phantom.json: \"complete\": false): finishing it"
                              if interrupted else "no shards: generating the phantom world there")
@@ -726,22 +696,37 @@ def ensure_phantom(data_dir, workers=None):
 
 # ----------------------------------------------------------------------------- CLI
 
+ADAPTERS = {  # python data.py <name> --root R --out O: records function, raw loader
+    'mimic': (adapters.records_mimic, adapters.load_xray), 'chexpert': (adapters.records_chexpert, adapters.load_xray),
+    'ctrate': (adapters.records_ctrate, adapters.load_ct), 'radchest': (adapters.records_radchest, adapters.load_radchest),
+    'folder': (adapters.records_folder, adapters.load_folder)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Preprocess a data set into shards (python data.py <name> --root R --out O)")
-    p.add_argument('name', choices=['phantom', *adapters.ADAPTERS])
+    p.add_argument('name', choices=['phantom', *ADAPTERS])
     p.add_argument('--root', help="the raw data set's folder (not for phantom)")
     p.add_argument('--out', required=True, help="shard folder (several data sets may share one)")
     p.add_argument('--workers', type=int, default=None, help="processes (default: all CPU cores)")
     p.add_argument('--shard_size', type=int, default=None, help=f"samples per shard (default {SHARD_SIZE})")
     p.add_argument('--long_side', type=int, default=None, help=f"override the long side (default {LONG_SIDE})")
-    adapters.add_adapter_args(p)
+    g = p.add_argument_group('real-data adapters (adapters.py)')
+    g.add_argument('--modality', choices=('xray', 'ct'), default='xray', help='folder: radiographs or CT')
+    g.add_argument('--labels', default=None, help='folder: CSV with a path column and label columns')
+    g.add_argument('--blank', choices=('zero', 'nan'), default='zero',
+                   help='mimic: a CheXpert label left blank (not mentioned) is negative or unknown')
+    g.add_argument('--val_frac', type=float, default=adapters.VAL_FRAC, help='ctrate, folder: patients hashed to val')
+    g.add_argument('--test_frac', type=float, default=adapters.TEST_FRAC, help='folder: patients hashed to test')
     args = p.parse_args(argv)
     if args.name == 'phantom':
         return make_phantom(args.out, workers=args.workers)  # an interrupted world: as it was started
     if not args.root:
         p.error(f"{args.name} needs --root, the folder of the raw data set")
-    records, load_fn = adapters.adapter_records(args.name, args)
-    return preprocess_records(records, load_fn, args.out, args.name, shard_size=args.shard_size,
+    kwargs = {'mimic': dict(blank=0.0 if args.blank == 'zero' else np.nan), 'ctrate': dict(val_frac=args.val_frac),
+              'folder': dict(modality=args.modality, labels=args.labels, val_frac=args.val_frac,
+                             test_frac=args.test_frac)}.get(args.name, {})
+    records_fn, load_fn = ADAPTERS[args.name]
+    return preprocess_records(records_fn(args.root, **kwargs), load_fn, args.out, args.name, shard_size=args.shard_size,
                               workers=args.workers, long_side=args.long_side,
                               command=' '.join(['python', 'data.py', *(sys.argv[1:] if argv is None else argv)]))
 

@@ -17,37 +17,27 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
-# Quadrature of the Epps-Pulley integral. The integrand is even in t, so only t in [0, T_MAX] is
-# evaluated. T_MAX = 5: the window exp(-t^2/2) makes the tails beyond +-5 at most 6e-6 * N for any
-# input (|phi_N - phi|^2 <= 4), 1.4e-6 * N for a collapsed one. N_KNOTS sets the spacing h = T_MAX / (N_KNOTS - 1); the trapezoid rule on
-# a Gaussian-windowed integrand is exact up to aliasing ~exp(-(2*pi/h - |x_j - x_k|)^2 / 2), so a
-# coarse grid fails on WIDE inputs. LeJEPA's listing (17 knots on [-5, 5], h = 0.625) is off by
-# ~11% on 3*N(0,1); 65 knots (h = 0.078) is exact to <1e-4 relative up to 10*N(0,1) (measured
-# against the closed form; see README_wip_lejepa.md). Cost and memory are linear in N_KNOTS.
+# Quadrature of the Epps-Pulley integral, even in t, so on t in [0, T_MAX] only. T_MAX = 5: the window
+# exp(-t^2/2) leaves at most 6e-6 * N beyond +-5. The trapezoid rule on a Gaussian-windowed integrand is
+# exact up to aliasing ~exp(-(2*pi/h - |x_j - x_k|)^2 / 2), so a coarse grid fails on WIDE inputs:
+# LeJEPA's listing (17 knots on [-5, 5]) is off by ~11% on 3*N(0,1), 65 knots (h = 0.078) by < 1e-4
+# up to 10*N(0,1) (against the closed form). Cost and memory are linear in N_KNOTS.
 T_MAX = 5.0
 N_KNOTS = 65
 NUM_SLICES = 1024  # random directions per SIGReg evaluation (LeJEPA's recommendation)
 
-# L_pred convention: the MEAN over feature dims of (mu - z_v)^2, as the official LeJEPA code
-# (`(centers - proj).square().mean()`), not the paper's squared L2 norm (a sum, K times larger).
-# LeJEPA's lambdas (0.02-0.05), and presumably the paper's 0.025, go with it: the sum would scale
-# L_pred by K (128) and so shrink the effective lambda ~K-fold.
-#
-# lambda and the batch: EP = N * integral, so for a non-Gaussian embedding SIGReg (and its gradient)
-# grows linearly with the number N of samples per view in one evaluation (global over ranks), while
-# L_pred does not depend on N. The balance is set by lam/(1-lam) * N. The paper's lam = 0.025 at
-# N = 256 gives 0.025/0.975 * 256 = 6.56. Keeping that at a smaller batch needs
-#   lam/(1-lam) = 6.56 / N:  N = 128 -> lam 0.049;  N = 64 -> 0.093;  N = 32 -> 0.170;  N = 16 -> 0.291.
-# N is the batch of one lejepa_loss call: with micro-batches (gradient accumulation) it is the
-# micro-batch summed over ranks, not the optimizer batch. The default below stays at the paper's.
+# L_pred is the MEAN over feature dims of (mu - z_v)^2, as the official LeJEPA code, not the paper's
+# squared L2 norm (K = 128 times larger): LeJEPA's lambdas (0.02-0.05), the paper's 0.025, go with it.
+# lambda and the batch: EP = N * integral grows with the N samples of one evaluation (global over ranks,
+# per micro-batch), L_pred does not, so lam/(1-lam) * N sets the balance: the paper's 0.025 at N = 256
+# gives 6.56, kept at N = 128 by lam 0.049, at 64 by 0.093, at 32 by 0.170, at 16 by 0.291.
 LAM = 0.025
 
 
 class _CosSinSums(torch.autograd.Function):
-    """For x (M, N) and knots t (T,): sum_j cos(t x_j) and sum_j sin(t x_j) per column -> (2, M, T).
-    The backward is written out, d/dx cos(tx) = -t sin(tx) and d/dx sin(tx) = t cos(tx), so that it
-    reuses the cos and sin of the forward as two batched matmuls; plain autograd recomputes both
-    (about 2x slower fwd+bwd on CPU, measured). Checked against autograd by gradcheck in the tests."""
+    """For x (M, N) and knots t (T,): sum_j cos(t x_j) and sum_j sin(t x_j) per column -> (2, M, T). The
+    backward (d/dx cos(tx) = -t sin(tx), d/dx sin(tx) = t cos(tx)) reuses the forward's cos and sin in two
+    batched matmuls; plain autograd recomputes both, about 2x slower (tested against finite differences)."""
 
     @staticmethod
     def forward(ctx, x, t):
@@ -89,9 +79,8 @@ def epps_pulley(x: torch.Tensor, n_global: int | None = None) -> torch.Tensor:
 
         EP = N * integral_R |phi_N(t) - exp(-t^2/2)|^2 * exp(-t^2/2) dt,  phi_N(t) = mean_j exp(i t x_j)
 
-    Under an initialised process group, x is this rank's share and the statistic is that of the
-    batch concatenated over ranks. n_global is that global count if the caller knows it; by default
-    it is counted in a collective. Without a process group, N = x.shape[0]."""
+    Under a process group x is this rank's share and EP that of the batch over all ranks, whose count
+    n_global is counted in a collective unless given."""
     if not (dist.is_available() and dist.is_initialized()) and n_global not in (None, x.shape[0]):
         raise ValueError(f"lejepa.epps_pulley: n_global={n_global} but x has {x.shape[0]} rows and there is "
                          f"no process group; pass n_global=None in a single process")
@@ -110,9 +99,8 @@ def epps_pulley(x: torch.Tensor, n_global: int | None = None) -> torch.Tensor:
 
 
 def random_directions(dim: int, num_slices: int, step: int, device=None) -> torch.Tensor:
-    """(dim, num_slices) unit columns, a function of `step` alone, so every rank draws the same ones
-    and a resumed run draws what the uninterrupted run would have. Drawn on the CPU in fp32 (so also
-    the same on CPU and GPU runs), then moved."""
+    """(dim, num_slices) unit columns, a function of `step` alone (drawn on the CPU in fp32): the same on every
+    rank and device, and a resumed run draws what the uninterrupted one would have."""
     g = torch.Generator(device="cpu").manual_seed(int(step))
     a = torch.randn(dim, num_slices, generator=g)  # (K, M)
     # guard a zero-norm column: 0/0 would be NaN (a failure seen with bf16 directions elsewhere)
@@ -121,9 +109,8 @@ def random_directions(dim: int, num_slices: int, step: int, device=None) -> torc
 
 
 def sigreg(z: torch.Tensor, num_slices: int = NUM_SLICES, step: int = 0) -> torch.Tensor:
-    """SIGReg: the mean Epps-Pulley statistic of z (N, K) over `num_slices` random unit directions,
-    in fp32. z may also be (V, N, K): then it is SIGReg per view, averaged over views, in one
-    quadrature (and one collective under DDP)."""
+    """SIGReg: the mean Epps-Pulley statistic of z (N, K) over `num_slices` random unit directions, in fp32;
+    of z (V, N, K), SIGReg per view averaged over views, in one quadrature (and one collective)."""
     views = z if z.dim() == 3 else z.unsqueeze(0)  # (V, N, K)
     V, N, K = views.shape
     with torch.autocast(z.device.type, enabled=False):  # the projection too: bf16 would round x to 3 digits
@@ -135,11 +122,10 @@ def sigreg(z: torch.Tensor, num_slices: int = NUM_SLICES, step: int = 0) -> torc
 
 def lejepa_loss(z: torch.Tensor, n_global: int = 2, lam: float = LAM, num_slices: int = NUM_SLICES,
                 step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z: (V, N, K) projector outputs, view-major, the n_global global views first.
-    Returns (total, pred, sigreg) with total = (1 - lam) * pred + lam * sigreg, all fp32 scalars.
-    pred = mean over all V views of mean((mu - z_v)^2) with mu the centroid of the global views;
-    no stop-gradient on mu (LeJEPA needs none). pred is local to this rank (DDP's averaging of
-    gradients makes it the global mean for equal per-rank batches); sigreg is global."""
+    """z: (V, N, K) projector outputs, view-major, the n_global global views first. Returns fp32 (total, pred,
+    sigreg), total = (1 - lam) * pred + lam * sigreg; pred = mean over views of mean((mu - z_v)^2), mu the
+    centroid of the global views, no stop-gradient (LeJEPA needs none). pred is this rank's (DDP's gradient
+    averaging makes it the global mean), sigreg the global batch's."""
     if z.dim() != 3 or not 1 <= n_global <= z.shape[0]:
         raise ValueError(f"lejepa.lejepa_loss: expected z of shape (V, N, K) with 1 <= n_global <= V, got "
                          f"{tuple(z.shape)} and n_global={n_global}; reshape the projector output view-major")
@@ -152,15 +138,10 @@ def lejepa_loss(z: torch.Tensor, n_global: int = 2, lam: float = LAM, num_slices
 
 
 class Projector(nn.Module):
-    """The head that L_pred and SIGReg see: Linear -> LayerNorm -> ReLU, twice, then Linear.
-
-    As LeJEPA's minimal example (torchvision MLP(in, [2048, 2048, 128], norm_layer=BatchNorm1d)),
-    but with LayerNorm in place of BatchNorm: BatchNorm normalises with per-rank batch statistics, so a sample's output
-    would depend on which other samples share its rank and micro-batch, breaking both the exact
-    DDP equivalence above and batch invariance. LayerNorm is per sample. The output is linear (no
-    norm, no activation) so it is free to become an isotropic Gaussian. out_dim = 128 is the space
-    SIGReg acts on: 1024 directions cover 128 dims well (LeJEPA), and the quadrature's memory is
-    independent of it. The probe reads the backbone embedding, not this output."""
+    """The head that L_pred and SIGReg see: (Linear -> LayerNorm -> ReLU) x 2 -> Linear, as LeJEPA's minimal
+    example but with LayerNorm for BatchNorm, whose per-rank batch statistics would make a sample's output
+    depend on the samples it shares a rank and micro-batch with (breaking exact DDP and batch invariance).
+    The output is linear, free to become an isotropic Gaussian; 1024 directions cover its 128 dims well."""
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128):
         super().__init__()

@@ -7,8 +7,8 @@ SparseMedicalViT: one vision transformer for 2D radiographs and 3D CT (paper sec
       -> depth x pre-norm Block(attention with 3D RoPE on q and k, MLP)              (rope3d.py)
       -> final LayerNorm -> mean over each view's tokens -> (N, dim), one embedding per view
 
-"Sparse" (paper): the shared 3D coordinate space is only partly occupied; a radiograph fills the
-plane z = 0, a CT fills a volume. Nothing in the network knows which modality a token came from.
+"Sparse" (paper): the shared 3D coordinate space is partly occupied, a radiograph filling the plane
+z = 0 and a CT a volume; nothing in the network knows which modality a token came from.
 
 Usage:
     cfg = ModelConfig(**PRESETS['small'])
@@ -48,9 +48,8 @@ PRESETS = {
 
 
 class PatchEmbed(nn.Module):
-    """Linear projection of cubic P^3 patches. A 2D view is a pseudo-volume zero-padded along depth
-    to P with the image in depth slice 0; only weight slice [:, :, 0] meets non-zero voxels, so 2D
-    patches (C*P^2 vectors) are projected with that slice alone, never materialising the zeros."""
+    """Linear projection of cubic P^3 patches. A 2D view is a pseudo-volume zero-padded along depth with the
+    image in slice 0, which only weight slice [:, :, 0] meets: 2D patches are projected with it alone."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -157,10 +156,8 @@ class SparseMedicalViT(nn.Module):
     def forward(self, views_or_packed) -> torch.Tensor:
         """One embedding per view, in input order: (N, dim)."""
         x, packed = self.forward_tokens(views_or_packed)
-        # Pooling: the paper does not say. We take the mean of the view's tokens: it needs no extra
-        # token whose RoPE position would have to be invented (a CLS token has no place in the 3D grid),
-        # it treats a 1-token local crop and a 500-token volume alike, and it keeps every view's
-        # embedding independent of what else is packed with it (tested: batch invariance).
+        # Pooling (the paper does not say): the mean of the view's tokens needs no CLS token, which has no
+        # place in the 3D RoPE grid, and keeps a view's embedding independent of what is packed with it.
         return pool_views(x, packed)
 
     def describe(self, device, dtype) -> str:

@@ -1,10 +1,9 @@
 """
 Sequence packing and variable-length attention (paper section 2.1.2).
 
-Views of different sizes (2D [C, H, W] radiograph crops, 3D [C, Z, H, W] CT crops) are never padded
-or resized to a common shape. Each is cut into P^3 patches (P = 14) and all patches of all views are
-concatenated into ONE token sequence. `cu_seqlens` marks where each view starts, and attention stays
-inside each view: flash-attn's varlen kernel on CUDA, an exact per-view PyTorch loop elsewhere.
+Views of different sizes (2D [C, H, W], 3D [C, Z, H, W]) are never padded or resized to one shape: all
+their P^3 patches form ONE token sequence, `cu_seqlens` marks where each view starts, and attention
+stays inside each view (flash-attn's varlen kernel on CUDA, an exact per-view SDPA loop elsewhere).
 
     pack_views(views) -> Packed        patches, (S, 3) RoPE coordinates, cu_seqlens, max_seqlen, view ids
     pack_arrays(arrays, share=...)     the same for numpy views (int8 crops in a loader worker), one copy each
@@ -13,13 +12,13 @@ inside each view: flash-attn's varlen kernel on CUDA, an exact per-view PyTorch 
     pool_views(x, packed)              per-view mean of the token features, (N, D)
     split_views(x, packed)             a packed (S, ...) tensor back into one tensor per view
 
-A 2D view is a pseudo-volume of depth 1 (paper: zero-padded along depth to P). Its patches are kept as
-P^2 vectors; model.py projects them with the one depth slice of the P^3 weight that meets the image,
-which equals zero-padding and projecting (tested) at 1/P of the cost.
+A 2D view is a pseudo-volume of depth 1 (paper: zero-padded along depth to P); its patches stay P^2
+vectors, which model.py projects with the one depth slice of the P^3 weight that meets the image.
 """
 
 import math
 from collections import Counter
+from itertools import accumulate
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +43,8 @@ if torch.cuda.is_available():  # torch >= 2.10, CUDA only; importing it costs ~3
 
 @dataclass
 class Packed:
-    """One packed batch of N views, S tokens. 2D and 3D patch vectors are kept apart (they have
-    different lengths, C*P^2 and C*P^3) together with their positions in the packed sequence."""
+    """One packed batch of N views, S tokens; 2D and 3D patch vectors (C*P^2, C*P^3) are kept apart,
+    with their positions in the packed sequence."""
     patches2d: torch.Tensor   # (S2, C*P*P) float, tokens of 2D views
     patches3d: torch.Tensor   # (S3, C*P*P*P) float, tokens of 3D views
     idx2d: torch.Tensor       # (S2,) long, where those tokens sit in the packed sequence
@@ -97,11 +96,9 @@ class Packed:
         r2, r3 = (torch.searchsorted(i, torch.tensor([lo, hi])).tolist() for i in (self.idx2d, self.idx3d))
         perm = self.groups[0]
         perm = perm[(perm >= lo) & (perm < hi)] - lo  # still ordered by view length
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel())
         return Packed(self.patches2d[r2[0]:r2[1]], self.patches3d[r3[0]:r3[1]], self.idx2d[r2[0]:r2[1]] - lo,
                       self.idx3d[r3[0]:r3[1]] - lo, self.coords[lo:hi], *_view_meta(self.seqlens[a:b]),
-                      self.grids[a:b], (perm, inv, sorted(Counter(self.seqlens[a:b]).items())))
+                      self.grids[a:b], _groups(perm, self.seqlens[a:b]))
 
 
 def _unflatten(p2, p3, coords, ints, sizes, seqlens, max_seqlen, grids, shapes) -> Packed:
@@ -193,20 +190,14 @@ def length_groups(seqlens):
     """Order the tokens so that views of equal length sit together: (perm, inv, [(L, n_views), ...]).
     The exact attention path then makes one batched SDPA call per distinct length instead of one per
     view; crops snap to whole patches, so a batch of hundreds of views has only tens of lengths."""
+    starts = [0, *accumulate(seqlens)]
     order = sorted(range(len(seqlens)), key=lambda i: seqlens[i])
-    starts = [0] * len(seqlens)
-    for i in range(1, len(seqlens)):
-        starts[i] = starts[i - 1] + seqlens[i - 1]
-    perm = torch.cat([torch.arange(starts[i], starts[i] + seqlens[i]) for i in order])
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
-    shapes = []
-    for i in order:
-        if shapes and shapes[-1][0] == seqlens[i]:
-            shapes[-1][1] += 1
-        else:
-            shapes.append([seqlens[i], 1])
-    return perm, inv, [tuple(x) for x in shapes]
+    return _groups(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]), seqlens)
+
+
+def _groups(perm, seqlens) -> tuple:
+    """Packed.groups of tokens in the order perm, views sorted by length: (perm, its inverse, [(L, n_views)])."""
+    return perm, torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel())), sorted(Counter(seqlens).items())
 
 
 def pool_views(x: torch.Tensor, packed: Packed) -> torch.Tensor:

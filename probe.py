@@ -1,28 +1,19 @@
 """
-Frozen-feature evaluation (paper section 3, Tables 1-3, Figure 2): linear probes, AUROC with
-patient-bootstrap confidence intervals, the paper's tables and the PCA figures.
+Frozen-feature evaluation (paper section 3, Tables 1-3, Figure 2): linear probes, AUROC with patient-
+bootstrap confidence intervals, the tables and the PCA figures.
 
     python probe.py --ckpt=out/ckpt.pt                      # phantom world (train.py's default data)
     python probe.py --ckpt=out/stage3/ckpt.pt --supervised=out/supervised/ckpt.pt --external_dir=data/external
 
-  1. Encoders, side by side under one protocol: the checkpoint; the same architecture at random
-     initialisation (seeded like train.py: for a run from scratch, the very weights it started from);
-     the supervised baseline when given. Always the backbone embedding (mean of the view's tokens), never
-     the LeJEPA projector or the supervised head.
-  2. Features: every sample of a split embedded WHOLE (no crop, no resize; padded up to multiples of
-     the patch), frozen, no grad, packed into batches of at most token_budget tokens. Cached in
-     features.hdf5 next to the checkpoint, keyed by encoder, checkpoint step and mtime, data set and split.
-  3. Linear probe: one logistic regression per finding on standardised features, NaN labels masked,
-     C chosen by validation AUROC. LP data '2d', '3d' or 'all' (Table 3) is the train split of the
-     pretraining data (data_dir), so neither encoder nor probe sees a test set (section 3).
-     Domain adaptation (Table 2): an external set with its own train split gets a probe of its own.
-  4. AUROC per finding and macro, 95% CI from bootstrap resamples of test PATIENTS (seeded).
-  5. A table on stdout (layout of Tables 1 and 3), out_dir/probe.json, and out_dir/pca_lr.png
-     (Figure 2a) and out_dir/pca_maps.png (Figure 2b) when matplotlib is installed.
-
-Test sets are discovered on disk: each (shard prefix, modality) with a test split, e.g. mimic-2d,
-ctrate-3d in data_dir (internal) and chexpert-2d, radchest-3d in external_dir. On the phantom world
-the raw-pixel floor (floor_rows: this probe on average-pooled pixels) is added to the table.
+Encoders under one protocol: the checkpoint, the same architecture at random init (seeded as train.py
+seeds: for a run from scratch, the weights it started from) and the supervised baseline if given,
+always through the backbone embedding. Every sample is embedded WHOLE (padded to whole patches, no crop
+or resize); features are cached in features.hdf5 next to the checkpoint. One logistic regression per
+finding on standardised features, NaN labels masked, C by validation AUROC, fit on the train split of
+the pretraining data (LP data 2d, 3d or all: Table 3), or on an external set's own train split (domain
+adaptation: Table 2); AUROC per finding and macro, 95% CI over test PATIENTS. Test sets: each (shard
+prefix, modality) with a test split in data_dir (internal) and external_dir. On the phantom world the
+raw-pixel floor joins the table. Out: the table, probe.json, table.txt, pca_lr.png and pca_maps.png.
 """
 
 import glob
@@ -32,9 +23,14 @@ import os
 import sys
 import warnings
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
 import adapters
 import data
@@ -88,9 +84,8 @@ def _auroc_groups(g, y, w):
 
 
 def auroc(y, s, w=None) -> float:
-    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney U), with optional
-    sample weights w (a bootstrap resample is a weight: how often each sample was drawn). NaN labels
-    are masked; NaN when a class is missing."""
+    """P(score of a positive > score of a negative), ties 1/2 (Mann-Whitney U), with optional sample weights
+    w (a bootstrap resample: how often each sample was drawn); NaN labels masked, NaN if a class is missing."""
     y, s = np.asarray(y, np.float64), np.asarray(s, np.float64)
     w = np.ones_like(y) if w is None else np.asarray(w, np.float64)
     keep = ~np.isnan(y) & ~np.isnan(s)
@@ -99,9 +94,8 @@ def auroc(y, s, w=None) -> float:
 
 
 def bootstrap_ci(y, s, patients, n_boot=1000, seed=0, level=0.95):
-    """CI of the macro AUROC, resampling test PATIENTS with replacement: a drawn patient brings all of
-    its samples, as often as it is drawn, since samples of one patient are not independent.
-    y, s: (N, K) labels (NaN unknown) and scores; patients: (N,) ids. Returns (low, high)."""
+    """(low, high) of the macro AUROC over resamples of test PATIENTS (a drawn patient brings all its samples:
+    they are not independent). y, s: (N, K) labels (NaN unknown) and scores; patients: (N,) ids."""
     _, pid = np.unique(np.asarray(patients), return_inverse=True)
     P = pid.max() + 1
     cols = []  # per finding: samples with a label, their tie groups (sorted once, reused n_boot times)
@@ -124,17 +118,8 @@ def bootstrap_ci(y, s, patients, n_boot=1000, seed=0, level=0.95):
 # linear probe
 
 def fit_probe(xtr, ytr, xva, yva, Cs=Cs, max_iter=max_iter):
-    """One logistic regression per finding on standardised features; samples whose label is NaN are
-    left out of that finding's fit and score; C is the one with the best validation AUROC (the middle
-    candidate if validation lacks a class). Returns (scaler, [classifier or None per finding])."""
-    from threadpoolctl import threadpool_limits  # comes with scikit-learn
-    with threadpool_limits(1):  # multi-threaded BLAS on these small matrices: 5-25x slower (README, Cost)
-        return _fit_probe(xtr, ytr, xva, yva, Cs, max_iter)
-
-
-def _fit_probe(xtr, ytr, xva, yva, Cs, max_iter):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    """One logistic regression per finding on standardised features, NaN labels left out; C with the best
+    validation AUROC (the middle one if val lacks a class). Returns (scaler, [classifier or None per finding])."""
     scaler = StandardScaler().fit(xtr)
     ztr, zva = scaler.transform(xtr), scaler.transform(xva)
     clfs = []
@@ -145,7 +130,9 @@ def _fit_probe(xtr, ytr, xva, yva, Cs, max_iter):
             continue
         fits, scores = [], []
         for C in Cs:
-            with warnings.catch_warnings():  # lbfgs hitting max_iter at large C: the val score judges it
+            # one BLAS thread: multi-threaded on these small matrices was 5-25x slower (README, Cost);
+            # warnings: lbfgs hitting max_iter at large C, which the val score judges
+            with threadpool_limits(1), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 clf = LogisticRegression(C=C, max_iter=max_iter).fit(ztr[tr], ytr[tr, k])
             fits.append(clf)
@@ -196,17 +183,14 @@ def format_table(rows, labels) -> str:
 # features
 
 def whole_view(image, patch: int) -> torch.Tensor:
-    """The whole sample as one float view, padded with -1 evenly up to whole patches (data.pad_to_patches,
-    as the probe's batches are)."""
+    """The whole sample as one float view, padded to whole patches as the probe's batches (data.pad_to_patches)."""
     return torch.from_numpy(data.pad_to_patches(np.asarray(image, np.float32), patch))  # (1, H, W) or (1, Z, H, W)
 
 
 @torch.no_grad()
 def embed(model, ds, device, token_budget=token_budget, workers=num_workers, desc="embed") -> dict:
-    """Frozen backbone embeddings of every sample of ds (a ShardDataset), in order: {'x' (N, dim) float32,
-    'y' (N, K), 'patient' (N,) str, 'id' (N,) str}. Batches hold at most token_budget tokens (one larger
-    sample goes alone), so memory is bounded by the budget, not by the data set; the workers pack them
-    (data.iterate_whole) and the device makes floats of the int8 patches."""
+    """Frozen backbone embeddings of every sample of ds, in order: {'x' (N, dim) float32, 'y' (N, K), 'patient',
+    'id' (N,) str}, in batches of at most token_budget tokens packed by the workers (data.iterate_whole)."""
     model.eval()
     bf16 = device.type == "cuda"  # flash path on GPU; exact fp32 on CPU
     out = {"x": [], "y": [], "patient": [], "id": []}
@@ -226,9 +210,8 @@ def embed(model, ds, device, token_budget=token_budget, workers=num_workers, des
 
 
 def cached(cache_path: str, encoder: str, ckpt_tag: str, key: str, compute) -> dict:
-    """Features from cache_path[encoder/hash(ckpt_tag, key)], else compute() and store them. A group
-    of the same encoder with another ckpt_tag (a newer checkpoint was written) is stale: deleted."""
-    import h5py
+    """Features from cache_path[encoder/hash(ckpt_tag, key)], else compute() and store them; the encoder's
+    entries of another ckpt_tag (a newer checkpoint was written) are stale: deleted."""
     name = hashlib.sha1(f"{ckpt_tag}|{key}".encode()).hexdigest()[:16]
     if os.path.exists(cache_path):
         with h5py.File(cache_path, "r") as f:
@@ -258,24 +241,14 @@ def load_encoder(path: str):
     return model, ck
 
 
-def random_encoder(model_cfg: dict, seed: int):
-    """The architecture at random init, seeded as train.py seeds before building its encoder."""
-    torch.manual_seed(seed)
-    return SparseMedicalViT(ModelConfig(**model_cfg))
-
-
 # -----------------------------------------------------------------------------
-# figures (matplotlib is optional: main() skips them with a message when it is missing)
+# figures (matplotlib is optional: write_figures skips them with a message when it is missing)
 
 def fig_pca_lr(x2, y2, x3, y3, labels, path, title, n_pc=16):
-    """Figure 2a: logistic regression on the first n_pc principal components of the joint (2D + 3D)
-    feature space, fitted on 2D only, 3D only and both. Signed coefficients, each row scaled to max 1:
-    a component lit up in the 2D and 3D rows alike is shared across modalities, one lit in a single
-    row is modality-specific. PC scores are whitened so that coefficients compare across components."""
+    """Figure 2a: logistic regression on the first n_pc (whitened) principal components of the joint 2D + 3D
+    features, fit on 2D, 3D and both; signed coefficients, rows scaled to max 1. A component lit in the 2D
+    and 3D rows alike is shared across modalities, one lit in a single row modality-specific."""
     import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
     parts = [(n, x, y) for n, x, y in (("2D", x2, y2), ("3D", x3, y3)) if len(x)]
     xall = np.concatenate([x for _, x, _ in parts])
     scaler = StandardScaler().fit(xall)
@@ -303,13 +276,12 @@ def fig_pca_lr(x2, y2, x3, y3, labels, path, title, n_pc=16):
 
 
 @torch.no_grad()
-def pca_maps(model, views) -> list:
-    """DINO-style maps (Oquab et al. 2024): the first 3 principal components of the patch tokens of all
-    views together, shown as RGB. One basis, so a colour is the same feature direction in 2D and 3D.
-    Each view is centred on its own mean (else PC 1 is the 2D-vs-3D offset: one flat colour per view)
-    and scaled to unit variance (else the view with the most token variance picks the basis), and each
-    view's components are min-max scaled to [0, 1] on their own. Returns (gz, gh, gw, 3) per view."""
-    tokens, packed = model.forward_tokens(model.pack(views))
+def pca_maps(model, vs) -> list:
+    """DINO-style maps (Oquab et al. 2024): the first 3 principal components of all views' patch tokens
+    as RGB, one basis (a colour is one feature direction in 2D and 3D). Each view is centred (else PC 1 is
+    the 2D-vs-3D offset) and scaled to unit variance (else the busiest view picks the basis), its
+    components min-max scaled on their own. Returns (gz, gh, gw, 3) per view."""
+    tokens, packed = model.forward_tokens(model.pack(vs))
     cuts = np.cumsum(packed.seqlens)[:-1]
     xs = [v - v.mean(0) for v in np.split(tokens.float().cpu().numpy(), cuts)]  # per view (L, dim)
     x = np.concatenate([v / max(v.std(), 1e-8) for v in xs])  # (S, dim)
@@ -321,14 +293,12 @@ def pca_maps(model, views) -> list:
 
 
 def fig_pca_maps(models, images, path, patch):
-    """Figure 2b: a radiograph and a CT (the mid token slab's middle slice) next to their PCA maps,
-    one row per encoder."""
+    """Figure 2b: a radiograph and a CT (the mid token slab's middle slice) by their PCA maps, a row per encoder."""
     import matplotlib.pyplot as plt
-    views = [whole_view(im, patch) for im in images]
-    fig, axes = plt.subplots(len(models), 2 * len(views), figsize=(2.6 * 2 * len(views), 2.6 * len(models)),
-                             squeeze=False)
+    vs = [whole_view(im, patch) for im in images]
+    fig, axes = plt.subplots(len(models), 2 * len(vs), figsize=(5.2 * len(vs), 2.6 * len(models)), squeeze=False)
     for r, (name, model) in enumerate(models):
-        for c, (v, m) in enumerate(zip(views, pca_maps(model, views))):
+        for c, (v, m) in enumerate(zip(vs, pca_maps(model, vs))):
             z = m.shape[0] // 2
             img = v[0, z * patch + patch // 2] if v.dim() == 4 else v[0]  # slice at the centre of slab z
             axes[r, 2 * c].imshow(img.numpy(), cmap="gray", vmin=-1, vmax=1)
@@ -345,9 +315,9 @@ def fig_pca_maps(models, images, path, patch):
 # test sets on disk, and the run
 
 def find_sets(folder: str, external: bool) -> dict:
-    """{name: set} for each (prefix, modality) with shards in folder (data.py names shards
-    {prefix}_{split}_{modality}_NNNNN.h5). A set: prefix, modality, external, and per split the
-    shard glob and a fingerprint (names, sizes, mtimes) so rebuilt shards never reuse cached features."""
+    """{name: set} for each (prefix, modality) of the shards {prefix}_{split}_{modality}_NNNNN.h5 in folder: prefix,
+    modality, external, and per split a glob and a fingerprint (names, sizes, mtimes: rebuilt shards never
+    reuse cached features)."""
     data.check_complete(folder)  # a folder whose preprocessing was interrupted would give numbers on part of a set
     sets = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.h5"))):
@@ -368,16 +338,15 @@ def concat(feats: list) -> dict:
 
 
 def holdout(f: dict, frac=0.1, seed=0):
-    """(train, val) split of features by PATIENT, for a set without a val split (CT-RATE's valid split is
-    the paper's internal test set)."""
+    """(train, val) features split by PATIENT, for a set without a val split (CT-RATE: valid is the test set)."""
     pats = np.unique(f["patient"])
     val = np.isin(f["patient"], np.random.default_rng(seed).choice(pats, max(1, int(frac * len(pats))), replace=False))
     return {k: v[~val] for k, v in f.items()}, {k: v[val] for k, v in f.items()}
 
 
-def load_encoders(cfg, dev):
-    """[(name, model, cache file, cache group, checkpoint tag)]: the checkpoint, random init, supervised.
-    Features are cached next to each checkpoint; the tag (path, step, mtime) tells stale ones."""
+def load_encoders(cfg):
+    """[(name, model, cache file, cache group, checkpoint tag)] and the checkpoint: the checkpoint, random
+    init, supervised. Features are cached next to each checkpoint; the tag (path, step, mtime) tells stale ones."""
     def entry(path):
         model, ck = load_encoder(path)
         tag = f"{os.path.abspath(path)}|step {ck['step']}|mtime {os.stat(path).st_mtime_ns}"
@@ -388,7 +357,8 @@ def load_encoders(cfg, dev):
     encoders = [first]
     if cfg["random_init"]:
         s, mcfg = ck["config"].get("seed", 0), ck["model_cfg"]
-        encoders.append(["random-init", random_encoder(mcfg, s), first[2], f"random-init:{first[3]}",
+        torch.manual_seed(s)  # as train.py seeds before it builds its encoder
+        encoders.append(["random-init", SparseMedicalViT(ModelConfig(**mcfg)), first[2], f"random-init:{first[3]}",
                          f"random|{json.dumps(mcfg, sort_keys=True)}|seed {s}"])
     if cfg["supervised"]:
         encoders.append(entry(cfg["supervised"])[0])
@@ -400,7 +370,7 @@ def main(cfg: dict):
     if not lps or set(lps) - set(LP_DATA):
         raise ValueError(f"--lp_data={cfg['lp_data']!r}: expected a comma-separated subset of {', '.join(LP_DATA)}")
     dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoders, ck = load_encoders(cfg, dev)
+    encoders, ck = load_encoders(cfg)
     data_dir = cfg["data_dir"] or ck["config"]["data_dir"]
     data.ensure_phantom(data_dir)  # as train.py: the phantom world is made on first use, finished if interrupted
     sets = find_sets(data_dir, external=False)

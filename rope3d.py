@@ -5,19 +5,13 @@ Every patch token gets a position (z, h, w) on a common scale [0, alpha]^3:
 
     coord(i) = alpha * i / max(g - 1, 1),   i = 0 .. g-1,  g in (G_Z, G_H, G_W)
 
-so a 3D grid of any shape and a 2D image (G_Z = 1, depth coordinate 0) live in the same space.
-RoPE (Su et al. 2024) then rotates pairs of query/key dimensions by angle coord * freq. The head
-dimension Dh is split equally between the three axes: n = Dh // 6 frequency pairs per axis, with
-freq_j = base^(-j/n), j = 0..n-1 (the usual 1D RoPE spectrum over 2n dims, once per axis).
-
-Layout of one head vector (Dh dims):
+so a 3D grid of any shape and a 2D image (G_Z = 1, depth coordinate 0) share one space. RoPE (Su et
+al. 2024) rotates pairs of query/key dimensions by coord * freq, with n = Dh // 6 pairs per axis and
+freq_j = base^(-j/n), j = 0..n-1 (the usual 1D spectrum, once per axis). A head vector is laid out as
     [ z-block (2n) | h-block (2n) | w-block (2n) | pass-through (Dh - 6n) ]
-Within a block the pairs are (x[j], x[j+n]) ("half split", as in nanochat / GPT-NeoX).
-If Dh is not a multiple of 6 the last Dh - 6n dims are left unrotated, so they carry no position
-(e.g. Dh = 64 for ViT-S/B: 10 pairs per axis, 4 dims pass through).
-
-Because a rotation is orthogonal, <R(p) q, R(p') k> depends only on p - p' (relative position), and
-a 2D image (z = 0) leaves the z-block unrotated. Angles and cos/sin are always computed in fp32.
+with pairs (x[j], x[j+n]) in a block ("half split", as nanochat / GPT-NeoX); Dh = 64 (ViT-S/B) has 10
+pairs per axis and 4 unrotated dims. <R(p) q, R(p') k> depends on p - p' only, and a 2D image (z = 0)
+leaves the z-block unrotated. Angles and cos/sin are computed in fp32.
 """
 
 import torch

@@ -693,7 +693,7 @@ def test_runner_reports_bad_inputs_and_skips_finished_shards(tmp_path):
     recs[0]['labels'] = np.zeros(5, np.float32)  # e.g. another uncertainty policy: that shard is rebuilt
     rep3 = data.preprocess_records(recs, _toy_load, tmp_path, 'toy', shard_size=4, workers=1)
     assert (rep3['written'], rep3['skipped'], rep3['shards_written']) == (2, 3, 1)
-    assert (ShardDataset(tmp_path).labels[0] == 0).all() and data.has_shards(tmp_path)
+    assert (ShardDataset(tmp_path).labels[0] == 0).all() and data._find_shards(tmp_path)
 
 
 def test_runner_fails_loudly_when_nothing_loads(tmp_path):

@@ -5,11 +5,9 @@ Pretrain SparseMedicalViT with LeJEPA (paper sections 2.2-2.4), or train the sup
     torchrun --standalone --nproc_per_node 2 train.py   # same on 2 processes (gloo on CPU, nccl on CUDA)
     torchrun --nproc_per_node 2 train.py config/stage3.py --max_iters=100
 
-Every knob is a constant below; override with config files (python, executed in order) and
---key=value (parsed with literal_eval, type-checked against the default). One step = one GLOBAL
-batch of batch_2d + batch_3d samples, each with n_global + n_local views, split over the ranks and
-then, per rank, into micro-batches of at most token_budget tokens (gradient accumulation), so memory
-is bounded by the budget, never by the largest view.
+Every knob is a constant below, overridden by config files and --key=value (type-checked). One step
+is one GLOBAL batch of batch_2d + batch_3d samples of n_global + n_local views each, split over the
+ranks, then into micro-batches of at most token_budget tokens: memory is bounded by the budget.
 """
 
 import errno
@@ -87,8 +85,8 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 
 
 def configure(defaults: dict, argv: list) -> dict:
-    """nanoGPT-style overrides: config files (python, executed) then --key=value (literal_eval).
-    An unknown key, a value of another type than the default or a tuple of another length is an error."""
+    """nanoGPT-style overrides: config files (python, executed) then --key=value (literal_eval); an unknown
+    key, a value of another type than the default or a tuple of another length is an error."""
     cfg = dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
@@ -130,8 +128,7 @@ def get_lr(it: int, cfg: dict) -> float:
 
 
 class Net(nn.Module):
-    """Encoder + head in one module, so DDP averages the gradients of both. The head is the LeJEPA
-    projector (lejepa.py) or, for the supervised baseline, a linear classifier over the 5 findings."""
+    """Encoder + head (LeJEPA projector, or the supervised linear classifier): one module for DDP."""
 
     def __init__(self, encoder, head):
         super().__init__()
@@ -180,8 +177,7 @@ def cpu_threads(local_ranks: int, print0):
 
 
 def save_checkpoint(obj: dict, path: str):
-    """Atomic: write a temp file in the same folder, then rename over the old checkpoint. A crash or
-    a full disk mid-write leaves the previous checkpoint intact."""
+    """Atomic: a temp file in the same folder, renamed over the old one; a crash or full disk keeps it."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(obj, tmp)
@@ -237,10 +233,8 @@ def main(cfg: dict):
     head = (Projector(mcfg.dim, cfg["proj_hidden"], cfg["proj_dim"]) if cfg["objective"] == "lejepa"
             else nn.Linear(mcfg.dim, len(adapters.LABELS)))
     net = Net(encoder, head).to(device)
-    decay = [p for p in net.parameters() if p.dim() >= 2]
-    no_decay = [p for p in net.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": [p for p in net.parameters() if (p.dim() >= 2) == mat],  # decay matrices only
+                              "weight_decay": cfg["weight_decay"] if mat else 0.0} for mat in (True, False)],
                             lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
     start_step = 0
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -265,8 +259,8 @@ def main(cfg: dict):
         data.ensure_phantom(cfg["data_dir"])
     if ddp:
         dist.barrier()  # collective: every rank waits for the data
-    ds2d = data.ShardDataset(cfg["data_dir"], split="train", modality="2d") if b2d else None
-    ds3d = data.ShardDataset(cfg["data_dir"], split="train", modality="3d") if b3d else None
+    ds2d, ds3d = (data.ShardDataset(cfg["data_dir"], split="train", modality=m) if b else None
+                  for m, b in (("2d", b2d), ("3d", b3d)))
     crop = views.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"], global_scale=cfg["global_scale"],
                           local_scale=cfg["local_scale"], zoom=cfg["view_zoom"], brightness=cfg["view_intensity"][0],
                           contrast=cfg["view_intensity"][1], noise=cfg["view_intensity"][2])
@@ -279,6 +273,7 @@ def main(cfg: dict):
 
     # the supervised baseline sees only the global views (whole-ish images), LeJEPA all of them
     V = cfg["n_global"] + cfg["n_local"] if cfg["objective"] == "lejepa" else cfg["n_global"]
+    second = "sigreg" if cfg["objective"] == "lejepa" else "bce"  # the loss's second logged term
     # the workers crop, cut micro-batches under token_budget and pack; this process only moves them
     loader = data.make_loader(ds2d, ds3d, b2d, b3d, rank=rank, world_size=world, seed=cfg["seed"],
                               start_step=start_step, crop=crop, workers=cfg["num_workers"],
@@ -305,8 +300,7 @@ def main(cfg: dict):
             g["lr"] = lr
         terms = torch.zeros(3, device=device)
         for m, (packed, aug, (a, b)) in enumerate(micro):
-            packed = packed.to(device, non_blocking=True)  # int8 patches; floats and augmentation on the device
-            packed = views.augment(packed, aug)
+            packed = views.augment(packed.to(device, non_blocking=True), aug)  # int8 -> augmented floats, on device
             sync = m == len(micro) - 1  # average gradients across ranks only on the last micro-batch
             with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
                 emb, out = model(packed)
@@ -323,7 +317,7 @@ def main(cfg: dict):
         if ddp:  # collective: the logged and checked loss is the mean over ranks
             dist.all_reduce(terms, op=dist.ReduceOp.AVG)
         loss_v, pred_v, sig_v = terms.tolist()
-        for name, val in (("pred", pred_v), ("sigreg" if cfg["objective"] == "lejepa" else "bce", sig_v)):
+        for name, val in (("pred", pred_v), (second, sig_v)):
             if not math.isfinite(val):
                 raise FloatingPointError(f"step {step}: non-finite loss term {name} = {val}. Stopping before the "
                                          f"optimizer step; the last good checkpoint {ckpt_path} is left untouched")
@@ -344,7 +338,6 @@ def main(cfg: dict):
             rec = dict(step=step, loss=loss_v, pred=pred_v, sigreg=sig_v, lr=lr, grad_norm=float(gnorm),
                        tok_s=counts[0].item() / dt_s, views_s=counts[1].item() / dt_s,
                        step_ms=1000 * dt_s / steps_acc, mem_gib=mem, n_micro=len(micro), skipped=int(counts[2]))
-            second = "sigreg" if cfg["objective"] == "lejepa" else "bce"
             line = (f"step {step}/{cfg['max_iters']} | loss {loss_v:.4f} | pred {pred_v:.4f} | {second} {sig_v:.4f} | "
                     f"lr {lr:.2e} | gnorm {float(gnorm):.3f} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
                     f"{rec['views_s']:.0f} views/s | {rec['step_ms']:.0f} ms | mem {mem:.2f} GiB"
@@ -371,8 +364,8 @@ def main(cfg: dict):
 
 
 def supervised_loss(logits, labels):
-    """Baseline objective: BCE over the 5 findings on each global view, unknown (NaN) labels masked.
-    logits (Vg, b, 5), labels (b, 5). Returns (loss, pred=0, bce) to share train.py's logging."""
+    """Baseline: BCE over the 5 findings on each global view, NaN labels masked. logits (Vg, b, 5), labels
+    (b, 5). Returns (loss, pred=0, bce), to share the logging."""
     known = ~torch.isnan(labels)
     y = torch.nan_to_num(labels).expand_as(logits)
     mask = known.expand_as(logits).float()
