@@ -33,7 +33,7 @@ import sys
 import time
 import zlib
 from collections import Counter
-from functools import partial
+from functools import lru_cache, partial
 
 import h5py
 import numpy as np
@@ -43,8 +43,10 @@ from tqdm import tqdm
 
 import adapters
 import phantom
-from adapters import LABELS, BadInput
+import readers
+from adapters import LABELS
 from pack import PATCH, Q, pack_arrays
+from readers import BadInput
 from views import MultiCrop
 
 FORMAT_VERSION = 1     # bump when the shard layout changes; readers refuse other versions
@@ -213,17 +215,15 @@ def _open_shard(path) -> h5py.File:
         raise ShardError(f"shard {path}: cannot be read, truncated or corrupt ({e}); delete it and re-run "
                          f"{_rebuild_hint(path)} (finished shards are skipped)") from None
     version = h.attrs.get('format_version')
-    if version != FORMAT_VERSION:
-        h.close()
-        raise ShardError(f"shard {path}: expected format_version {FORMAT_VERSION}, found {version}; delete the "
-                         f"old shards and re-run {_rebuild_hint(path)}")
     try:
-        ok = list(h.attrs['labels']) == list(LABELS) and h['offset'][-1] == h['image'].shape[0]
+        ok = version == FORMAT_VERSION and list(h.attrs['labels']) == list(LABELS) and h['offset'][-1] == h['image'].shape[0]
     except (KeyError, OSError):
         ok = False
     if not ok:
         h.close()
-        raise ShardError(f"shard {path}: inconsistent contents (labels {list(LABELS)} and image size expected); "
+        raise ShardError(f"shard {path}: expected format_version {FORMAT_VERSION}, found {version}; delete the old "
+                         f"shards and re-run {_rebuild_hint(path)}" if version != FORMAT_VERSION else
+                         f"shard {path}: inconsistent contents (labels {list(LABELS)} and image size expected); "
                          f"delete it and re-run {_rebuild_hint(path)}")
     return h
 
@@ -279,13 +279,11 @@ def _prepare_one(load_fn, long_side, rec):
 
 class _LogLines:
     """tqdm's stream when stderr is a file or a pipe: each redraw one plain line, clears dropped."""
+    flush = staticmethod(lambda: None)
 
     def write(self, s):
         if s.strip():
             print(s.strip(), file=sys.stderr, flush=True)
-
-    def flush(self):
-        pass
 
 
 def progress(**kw) -> tqdm:
@@ -314,16 +312,13 @@ def _records_sha(recs, load_fn, long_side) -> str:
 
 
 def _finished(path, sha):
-    """The failures recorded in a finished shard built from the same records, else None (rebuild)."""
-    if not os.path.exists(path):
-        return None
+    """(failures, samples) of a finished shard built from the same records, else None (rebuild it)."""
     try:
         with _open_shard(path) as h:
             if h.attrs.get('records_sha') == sha:
                 return json.loads(h.attrs['failures']), len(h['offset']) - 1
-    except ShardError:
-        pass
-    return None
+    except ShardError:  # missing, or unreadable
+        return None
 
 
 def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=None, workers=None,
@@ -486,19 +481,15 @@ class ShardDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- mixed 2D/3D stream (paper 2.3)
 
-_PERMS = {}  # (n, seed, modality, epoch) -> permutation; a few per process (each worker keeps its own)
+@lru_cache(maxsize=4)  # a few per process (each worker keeps its own)
+def _epoch(n: int, seed: int, modality_id: int, e: int) -> np.ndarray:
+    return np.random.default_rng((seed, 0, modality_id, e)).permutation(n)
 
 
 def stream_index(n: int, seed: int, modality_id: int, k: int) -> int:
     """Sample at position k of an endless stream over n samples: epoch k // n is a permutation seeded by
     (seed, modality, epoch), so every sample is seen once per epoch. Pure function of its arguments."""
-    e = k // n
-    key = (n, seed, modality_id, e)
-    if key not in _PERMS:
-        if len(_PERMS) > 4:
-            _PERMS.clear()
-        _PERMS[key] = np.random.default_rng((seed, 0, modality_id, e)).permutation(n)
-    return int(_PERMS[key][k % n])
+    return int(_epoch(n, seed, modality_id, k // n)[k % n])
 
 
 def split_micro(tokens_per_sample: list, n_micro: int) -> list:
@@ -696,10 +687,10 @@ def ensure_phantom(data_dir, workers=None):
 
 # ----------------------------------------------------------------------------- CLI
 
-ADAPTERS = {  # python data.py <name> --root R --out O: records function, raw loader
-    'mimic': (adapters.records_mimic, adapters.load_xray), 'chexpert': (adapters.records_chexpert, adapters.load_xray),
-    'ctrate': (adapters.records_ctrate, adapters.load_ct), 'radchest': (adapters.records_radchest, adapters.load_radchest),
-    'folder': (adapters.records_folder, adapters.load_folder)}
+ADAPTERS = {  # python data.py <name> --root R --out O: records function (adapters.py), raw loader (readers.py)
+    'mimic': (adapters.records_mimic, readers.load_xray), 'chexpert': (adapters.records_chexpert, readers.load_xray),
+    'ctrate': (adapters.records_ctrate, readers.load_ct), 'radchest': (adapters.records_radchest, readers.load_radchest),
+    'folder': (adapters.records_folder, readers.load_folder)}
 
 
 def main(argv=None):

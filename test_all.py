@@ -32,14 +32,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from adapters import LABELS, BadInput
+from adapters import LABELS
 from data import ShardDataset, ShardError
 from lejepa import Projector, epps_pulley, lejepa_loss, random_directions, sigreg
 from model import ModelConfig, SparseMedicalViT, PRESETS
 from pack import pack_views, pool_views, split_views, varlen_attention, attention_path
+from readers import BadInput
 from rope3d import grid_coords, apply_rope, rope_cos_sin
 from views import MultiCrop
 import adapters as A
+import readers as R
 import data
 import lejepa
 import pack
@@ -1104,13 +1106,13 @@ def test_mimic(tmp_path):
     np.testing.assert_array_equal(recs[1]['labels'], np.zeros(5))
     assert 'no row' in recs[2]['error'] and np.isnan(recs[2]['labels']).all()
     np.testing.assert_array_equal(A.records_mimic(root, blank=np.nan)[0]['labels'], [1, np.nan, np.nan, 0, 1])
-    img = A.load_xray(recs[0])
+    img = R.load_xray(recs[0])
     assert img.shape == (20, 24) and img.dtype == np.float32
     assert img[2:7, 3:9].mean() > 200 and np.abs(np.delete(img, np.s_[0:9], 0) - 40).max() < 10  # JPEG
-    with pytest.raises(A.BadInput, match='file not found'):
-        A.load_xray(recs[1])
-    with pytest.raises(A.BadInput, match='no row'):
-        A.load_xray(recs[2])
+    with pytest.raises(R.BadInput, match='file not found'):
+        R.load_xray(recs[1])
+    with pytest.raises(R.BadInput, match='no row'):
+        R.load_xray(recs[2])
 
 
 # ----------------------------------------------------------------------------- CheXpert
@@ -1136,7 +1138,7 @@ def test_chexpert(tmp_path):
         ('val/patient64541/study1/view1_frontal', 'patient64541', 'patient64541/study1', 'val')]
     np.testing.assert_array_equal(recs[0]['labels'], [1, 1, 0, 0, 0])  # ATEL CARD CONS LO EFF
     np.testing.assert_array_equal(recs[1]['labels'], [0, 0, 1, 1, 1])  # "Airspace Opacity" -> LO
-    assert A.load_xray(recs[2])[2:7, 3:9].mean() > 200                 # valid/ resolved to val/
+    assert R.load_xray(recs[2])[2:7, 3:9].mean() > 200                 # valid/ resolved to val/
 
 
 # ----------------------------------------------------------------------------- CT-RATE
@@ -1190,13 +1192,13 @@ def test_ctrate_original_and_fixed(tmp_path):
     np.testing.assert_array_equal(recs['train_7_b_2']['labels'], [0, 0, 0, 1, 1])  # 'Lung opacity'
     assert {r['split'] for r in A.records_ctrate(root, val_frac=1.0) if r['id'].startswith('train')} == {'val'}
     for vid in ('valid_1_a_1', 'train_7_b_2'):
-        hu, spacing = A.load_ct(recs[vid])
+        hu, spacing = R.load_ct(recs[vid])
         np.testing.assert_array_equal(hu, c)  # exact HU, marker in place: orientation and rescale right
         assert spacing == pytest.approx((1.5, 0.6, 0.7))
-    with pytest.raises(A.BadInput, match='applied twice'):
-        A.load_ct(recs['valid_2_a_1'])
-    with pytest.raises(A.BadInput, match='file not found'):
-        A.load_ct(recs['train_8_a_1'])
+    with pytest.raises(R.BadInput, match='applied twice'):
+        R.load_ct(recs['valid_2_a_1'])
+    with pytest.raises(R.BadInput, match='file not found'):
+        R.load_ct(recs['train_8_a_1'])
 
 
 # ----------------------------------------------------------------------------- RAD-ChestCT
@@ -1222,11 +1224,11 @@ def test_radchest(tmp_path):
     np.testing.assert_array_equal(recs[2]['labels'], [1, 0, 1, 0, 0])
     np.testing.assert_array_equal(recs[0]['labels'], [0, 1, 0, 1, 1])
     for r in (recs[0], recs[2]):
-        hu, spacing = A.load_radchest(r)
+        hu, spacing = R.load_radchest(r)
         np.testing.assert_array_equal(hu, c)
         assert spacing == (0.8, 0.8, 0.8)
-    with pytest.raises(A.BadInput, match='file not found'):
-        A.load_radchest(recs[1])
+    with pytest.raises(R.BadInput, match='file not found'):
+        R.load_radchest(recs[1])
 
 
 # ----------------------------------------------------------------------------- folder: CT
@@ -1253,7 +1255,7 @@ def test_folder_ct(tmp_path):
     assert [(r['id'], r['modality'], r['split']) for r in recs] == [
         ('ras.nii.gz', '3d', 'train'), ('series_flipped', '3d', 'train'), ('series_hfs', '3d', 'train')]
     for r in recs:
-        hu, spacing = A.load_ct(r)
+        hu, spacing = R.load_ct(r)
         np.testing.assert_array_equal(hu, c)
         assert spacing == pytest.approx((1.5 if r['id'].endswith('gz') else 2.5, 0.6, 0.7))
 
@@ -1279,14 +1281,14 @@ def test_folder_xray_and_labels(tmp_path):
     assert recs['a/img16.png']['patient_id'] == 'P1' and recs['b/unlabelled.jpg']['patient_id'] == 'b/unlabelled.jpg'
     np.testing.assert_array_equal(recs['a/img16.png']['labels'], [1, np.nan, np.nan, np.nan, np.nan])
     np.testing.assert_array_equal(recs['b/mono1.dcm']['labels'], [1, 1, np.nan, 1, np.nan])
-    np.testing.assert_array_equal(A.load_folder(recs['a/img16.png']), a16)
-    np.testing.assert_array_equal(A.load_folder(recs['a/grey_as_rgb.png']), radiograph())
+    np.testing.assert_array_equal(R.load_folder(recs['a/img16.png']), a16)
+    np.testing.assert_array_equal(R.load_folder(recs['a/grey_as_rgb.png']), radiograph())
     hu = stored * 3.0 - 7
-    np.testing.assert_array_equal(A.load_folder(recs['b/mono1.dcm']), hu.max() + hu.min() - hu)
-    assert A.load_folder(recs['b/mono1.dcm'])[2:7, 3:9].min() == hu.max()  # dense block now brightest
+    np.testing.assert_array_equal(R.load_folder(recs['b/mono1.dcm']), hu.max() + hu.min() - hu)
+    assert R.load_folder(recs['b/mono1.dcm'])[2:7, 3:9].min() == hu.max()  # dense block now brightest
     for k, why in (('b/unlabelled.jpg', 'no row'), ('b/gone.png', 'not found')):
-        with pytest.raises(A.BadInput, match=why):
-            A.load_folder(recs[k])
+        with pytest.raises(R.BadInput, match=why):
+            R.load_folder(recs[k])
 
 
 # ----------------------------------------------------------------------------- a folder full of problems
@@ -1332,17 +1334,17 @@ def test_folder_full_of_problems(tmp_path):
     assert sorted(r['id'] for r in recs) == sorted(expected)
     for r in recs:
         if expected[r['id']] is None:
-            A.load_folder(r)
+            R.load_folder(r)
         else:
-            with pytest.raises(A.BadInput, match=expected[r['id']]):
-                A.load_folder(r)
+            with pytest.raises(R.BadInput, match=expected[r['id']]):
+                R.load_folder(r)
 
 
 def test_missing_extra_names_the_fix(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, 'pydicom', None)  # makes `import pydicom` fail
     with pytest.raises(ImportError, match='requirements-extra.txt'):
-        A._need('pydicom')
+        R._need('pydicom')
 
 
 # -----------------------------------------------------------------------------
@@ -2643,9 +2645,10 @@ def import_cycle(graph):
 
 
 def test_imports_go_one_way():
-    """No module imports a module that imports it back, directly or through a chain: records and raw
-    arrays (adapters, phantom) -> shards and the stream (data) -> the scripts."""
+    """No module imports a module that imports it back, directly or through a chain: raw arrays and records
+    (readers, adapters, phantom) -> shards and the stream (data) -> the scripts."""
     assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
     graph = import_graph(REPO)
     assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
-    assert not graph["adapters"] and graph["phantom"] == {"adapters"} and {"adapters", "phantom"} <= graph["data"]
+    assert not graph["readers"] and graph["adapters"] == {"readers"} and graph["phantom"] == {"adapters"}
+    assert {"readers", "adapters", "phantom"} <= graph["data"] and "data" in graph["train"] and "train" in graph["probe"]
