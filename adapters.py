@@ -101,8 +101,7 @@ def _record(id, patient_id, study_id, split, labels, modality, path, error=None,
 # ----------------------------------------------------------------------------- data sets
 
 def records_mimic(root, blank=0.0):
-    """MIMIC-CXR-JPG 2.x: one frontal image per study (PA before AP), the official split, CheXpert labels;
-    blank=0.0: a finding the report does not mention is absent (np.nan: unknown)."""
+    """MIMIC-CXR-JPG 2.x: a frontal image per study (PA first), the official split; blank: an unmentioned finding."""
     meta, split, lab = (_one(root, f'*-{n}.csv*') for n in ('metadata', 'split', 'chexpert'))
     split_of = {r['dicom_id']: SPLITS.get(r['split'].strip()) for r in _read_csv(split)[1]}
     header, rows = _read_csv(lab)
@@ -124,8 +123,7 @@ def records_mimic(root, blank=0.0):
 
 
 def records_chexpert(root):
-    """CheXpert's radiologist-labelled sets in the CheXlocalize layout (test/, test_labels.csv, optionally
-    val/, val_labels.csv): every frontal image (the paper's n=668 counts images)."""
+    """CheXpert's radiologist-labelled test (and val) sets, CheXlocalize layout: every frontal image."""
     recs = []
     for name, split in (('test_labels.csv', 'test'), ('val_labels.csv', 'val')):
         path = os.path.join(root, name)
@@ -145,9 +143,8 @@ def records_chexpert(root):
 
 
 def records_ctrate(root, val_frac=VAL_FRAC):
-    """CT-RATE (root = its dataset/ folder): every volume of the label CSVs; train is split train/val by
-    patient hash, valid is the test set. `{split}_fixed` folders are read by their headers; the original
-    ones have placeholder headers, so HU scaling and spacing come from the metadata CSV, axes CTRATE_AXES."""
+    """CT-RATE (its dataset/ folder): train split by patient hash, valid the test set; the original folders'
+    placeholder headers give way to the metadata CSV and CTRATE_AXES, *_fixed ones are read as they are."""
     _glob(root, '*_predicted_labels.csv', required=True)  # fail early, with the layout hint
     recs = []
     for folder, meta_csv, lab_csv in (('train', 'train_metadata.csv', 'train_predicted_labels.csv'),
@@ -178,8 +175,7 @@ def records_ctrate(root, val_frac=VAL_FRAC):
 
 
 def records_radchest(root):
-    """RAD-ChestCT (Zenodo 6406114): <NoteAcc_DEID>.npz anywhere under root, split by the trn/val/tst prefix,
-    a finding the max over its `<token>*<location>` columns (whole tokens); patients from Summary_*.csv."""
+    """RAD-ChestCT: <NoteAcc_DEID>.npz under root, split by prefix, a finding the max over its locations."""
     files = {os.path.basename(p)[:-4]: p for p in glob.glob(os.path.join(root, '**', '*.npz'), recursive=True)}
     summary = _one(root, 'Summary_*.csv', required=False)
     patient = {r['NoteAcc_DEID']: r['MRN_DEID'] for r in _read_csv(summary)[1]} if summary else {}
@@ -201,9 +197,8 @@ def records_radchest(root):
 
 
 def records_folder(root, modality='xray', labels=None, val_frac=VAL_FRAC, test_frac=TEST_FRAC):
-    """Any folder: xray, every file a radiograph; ct, every NIfTI file and every folder of DICOM files a
-    volume (other files fail as 'unknown file type'). Optional labels CSV: `path` (relative to root), label
-    columns, `patient_id`, `split`; without it each file is its own patient, split by hash."""
+    """Any folder: every file a radiograph (xray), or every NIfTI file and DICOM folder a volume (ct), with an
+    optional labels CSV (path, label columns, patient_id, split); else each file its own patient."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f'--root {root} is not a folder')
     two_d, items = modality == 'xray', []

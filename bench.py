@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import pack
 import views
 from lejepa import Projector, lejepa_loss
 from model import ModelConfig, SparseMedicalViT, PRESETS
@@ -54,8 +55,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 
 
 def padded_encoder_forward(enc: SparseMedicalViT, packed):
-    """The same encoder computed the conventional way: every view padded to the longest one,
-    (N, L, D) tensors, attention with a key-padding mask, masked mean pooling. Same weights."""
+    """The same encoder the conventional way: views padded to the longest, key-padding mask, masked mean."""
     cfg, N, L = enc.cfg, packed.num_views, packed.max_seqlen
     H, Dh = cfg.heads, cfg.dim // cfg.heads
     x = enc.patch_embed(packed)  # (S, D), identical in both variants
@@ -89,20 +89,17 @@ def step_flops(cfg: ModelConfig, seqlens, proj_params=0) -> float:
 
 
 def median_time(fn, reps: int, sync) -> float:
-    fn()  # warm-up
-    sync()
     ts = []
-    for _ in range(reps):
+    for _ in range(reps + 1):
         t = time.perf_counter()
         fn()
         sync()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return statistics.median(ts[1:])  # the first run was the warm-up
 
 
 def lejepa_step(enc, proj, opt, packed, B, V, amp, forward=None):
-    """One full training step on B samples x V views: encoder (or forward(enc, packed)), projector, LeJEPA
-    loss, backward, AdamW."""
+    """One training step on B samples x V views: encoder (or forward), projector, LeJEPA loss, backward, AdamW."""
     with amp:
         z = proj(forward(enc, packed) if forward else enc(packed)).float().view(B, V, -1).transpose(0, 1)  # (V, B, K)
         loss, _, _ = lejepa_loss(z, n_global=2, lam=0.025, num_slices=1024, step=0)
@@ -112,8 +109,7 @@ def lejepa_step(enc, proj, opt, packed, B, V, amp, forward=None):
 
 
 def reference_batch(ds2d, ds3d, n2d, n3d, crop, seed, dev):
-    """A realistic mixed batch from the real loader as one packed micro-batch on dev, augmented there;
-    views sample-major, so embeddings reshape to (B, V, ...). Returns (packed, V)."""
+    """(packed, V): a mixed batch from the real loader as one micro-batch, augmented on dev, sample-major."""
     b = next(iter(data.make_loader(ds2d, ds3d, n2d, n3d, seed=seed, crop=crop, stop_step=1)))
     return views.augment(b["packed"].to(dev), b["aug"]), b["views_per_sample"]
 
@@ -302,7 +298,6 @@ def cuda_utilisation(ds2d, ds3d, crop, cfg, sync) -> dict:
     peak = 2 * n ** 3 / t / 1e12
     res = {"matmul_bf16_tflops": peak}
     print(f"\n4. CUDA: bf16 {n}^3 matmul {peak:.0f} TFLOP/s")
-    import pack
     paths = ["flash"] if pack.flash_attn_varlen_func is not None else []
     paths += ["torch_varlen"] if pack.varlen_attn is not None else []
     for name in ("small", "base"):
@@ -319,8 +314,7 @@ def cuda_utilisation(ds2d, ds3d, crop, cfg, sync) -> dict:
             t = median_time(lambda: lejepa_step(enc, proj, opt, packed, 64, V, amp), cfg["reps"], sync)
             pack.flash_attn_varlen_func = saved
             tf = flops / t / 1e12
-            res[f"{name}_{path}_tflops"] = tf
-            res[f"{name}_{path}_mfu"] = tf / peak
+            res.update({f"{name}_{path}_tflops": tf, f"{name}_{path}_mfu": tf / peak})
             print(f"   {name:5s} {path:12s} {t * 1e3:7.1f} ms/step  {tf:6.1f} TFLOP/s  = {tf / peak:.0%} of matmul")
     return res
 

@@ -1,23 +1,16 @@
 """
-Data (paper 2.3, 2.4): records and raw images (adapters.py, phantom.py) -> preprocessed HDF5 shards ->
-the mixed 2D/3D stream of cropped, packed steps. Reference, measurements and pitfalls: DATA.md.
+Data (paper 2.3, 2.4): records and raw images (adapters.py, readers.py, phantom.py) -> preprocessed HDF5
+shards -> the mixed 2D/3D stream of cropped, packed steps. Shard layout, measurements, pitfalls: DATA.md.
 
     preprocess_xray / preprocess_ct     raw image -> float32 (1, H, W) / (1, Z, H, W) in [-1, 1]
     preprocess_records(records, load_fn, out_dir, prefix)   parallel load + preprocess -> shards + report.json
-                                        (per data set, "complete": false until its run ends)
     make_phantom(out_dir), ensure_phantom(data_dir)         the phantom world, through that same path
     ShardDataset(path_or_glob, split, modality)             lazy reader, item = dict(image, labels, ...)
-    make_loader(ds2d, ds3d, b2d, b3d, ...)   the stream: a DataLoader worker reads int8 samples, crops them
+    make_loader(ds2d, ds3d, b2d, b3d, ...)  the stream: a DataLoader worker reads int8 samples, crops them
                                         (views.MultiCrop), cuts micro-batches under token_budget and packs
                                         the step into shared memory; the training process only moves it
     micro_batches(batch, n)             a step's micro-batches, as views (cut finer to n if asked)
     iterate_whole(ds, token_budget)     one pass over a split, whole images, packed, for the linear probe
-
-A shard (FORMAT_VERSION 1) holds samples of one split and modality: `image` int8, all images back to
-back (q means q / 127 in [-1, 1]: 9.8 HU in the CT window, below CT noise), `offset` (N+1,), `shape`
-(N, 3) (Z, H, W; Z = 1 for 2D), `crc32`, `labels` (N, 5) in LABELS order (NaN unknown), `spacing`
-(N, 3) mm per voxel (z, y, x), str columns id, patient_id, study_id, modality, split, and the attrs
-format_version, labels, command (how to rebuild), records_sha, long_side, failures.
 
 Usage: python data.py <name> --root R --out O [--workers N]     (python data.py phantom --out data/phantom)
 """
@@ -93,8 +86,7 @@ def hu_to_unit(hu: np.ndarray, width: float = CT_WINDOW[0], level: float = CT_WI
 
 
 def _resize(x: np.ndarray, size) -> np.ndarray:
-    """Resize a 2D or 3D float array to `size`: an area (box) filter on axes that shrink (skipping pixels
-    would alias the rib edges of a 2500 px radiograph), linear on axes that grow; both stay in range."""
+    """Resize a 2D or 3D float array: area filter on shrinking axes (no aliased rib edges), linear on growing ones."""
     size = tuple(int(s) for s in size)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if size == x.shape:
@@ -115,8 +107,7 @@ def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
 
 
 def resample_ct(hu: np.ndarray, spacing_zyx, long_side: int = LONG_SIDE['3d']) -> np.ndarray:
-    """Spacing-aware resize: the physical extent keeps its proportions and its longest axis gets `long_side`
-    voxels, so voxels come out isotropic (300 x 512 x 512 of (1.5, 0.7, 0.7) mm -> 112 x 89 x 89)."""
+    """Spacing-aware resize: the physically longest axis gets `long_side` voxels, all voxels come out isotropic."""
     sp = np.asarray(spacing_zyx, dtype=np.float64)
     if sp.shape != (3,) or not np.isfinite(sp).all() or (sp <= 0).any():
         raise BadInput(f"invalid voxel spacing {tuple(spacing_zyx)}: need 3 positive mm values (z, y, x)")
@@ -139,8 +130,8 @@ def preprocess_xray(img, long_side: int = LONG_SIDE['2d']) -> np.ndarray:
 
 
 def preprocess_ct(hu, spacing_zyx, long_side: int = LONG_SIDE['3d']) -> np.ndarray:
-    """HU volume (Z, H, W), canonical orientation, spacing in mm -> float32 (1, Z', H', W') in [-1, 1]. Windowing
-    first, so resampling averages clipped values and a 3000 HU metal voxel cannot brighten its neighbours."""
+    """HU volume (Z, H, W), canonical, spacing mm -> float32 (1, Z', H', W') in [-1, 1]; windowed before
+    resampling, so a 3000 HU metal voxel cannot brighten its neighbours."""
     return _sample(resample_ct(hu_to_unit(_checked(hu, 3)), spacing_zyx, long_side), 'volume', long_side)  # (1, Z, H, W)
 
 
@@ -151,8 +142,8 @@ def _quantise(x: np.ndarray) -> np.ndarray:
 
 
 def write_shard(path, samples: list, meta: dict | None = None):
-    """Write samples (dicts: image float32 (1, ...) in [-1, 1] or int8, labels, id, patient_id, study_id,
-    modality, split, optional spacing) to one shard, via path.tmp and a rename (never half-written)."""
+    """Samples (dicts: image float32 in [-1, 1] or int8, labels, STR_KEYS, optional spacing) to one shard, via
+    path.tmp and a rename (never half-written)."""
     n = len(samples)
     imgs = [s['image'] if s['image'].dtype == np.int8 else _quantise(s['image']) for s in samples]
     shape = np.array([(1,) + im.shape[1:] if im.ndim == 3 else im.shape[1:] for im in imgs], np.int32).reshape(n, 3)
@@ -234,8 +225,8 @@ def _find_shards(path_or_glob) -> list:
 
 
 def check_complete(path_or_glob):
-    """ShardError if a data set read here (a folder: any in it) is being, or was interrupted while being,
-    preprocessed: its report.json entry says "complete": false from the start of a run until its end."""
+    """ShardError if a data set read here (a folder: any in it) has "complete": false in report.json: its
+    preprocessing run is under way or was interrupted."""
     p = str(path_or_glob)
     picked = [(p, None)] if os.path.isdir(p) else [os.path.split(os.path.abspath(f)) for f in _find_shards(p)]
     for folder, name in picked:  # name None: the whole folder is read
@@ -287,9 +278,8 @@ class _LogLines:
 
 
 def progress(**kw) -> tqdm:
-    """A tqdm bar (data.py, probe.py and train.py) that redraws in place for a person at a terminal. In a
-    file or pipe (stderr not a TTY) it prints a plain line at most every 30 s instead, and stdout becomes
-    line-buffered, so a log such as `python probe.py > probe.log 2>&1` stays short and in order."""
+    """A tqdm bar for a person at a terminal; in a file or pipe (stderr not a TTY) a plain line at most every
+    30 s, and stdout line-buffered, so a log (python probe.py > probe.log 2>&1) stays short and in order."""
     if sys.stderr.isatty():
         return tqdm(dynamic_ncols=True, **kw)
     getattr(sys.stdout, 'reconfigure', lambda **_: None)(line_buffering=True)
@@ -301,8 +291,7 @@ def _worker_init():
 
 
 def _records_sha(recs, load_fn, long_side) -> str:
-    """Fingerprint of a shard's records, labels (e.g. an uncertainty policy), loader and size: a re-run
-    with another rebuilds the shard instead of skipping it."""
+    """Fingerprint of a shard's records, labels, loader and size: a re-run with others rebuilds the shard."""
     ls = sorted(long_side.items()) if isinstance(long_side, dict) else long_side
     h = hashlib.sha1(json.dumps([FORMAT_VERSION, ls, getattr(load_fn, '__qualname__', '')]).encode())
     for r in recs:
@@ -323,18 +312,16 @@ def _finished(path, sha):
 
 def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=None, workers=None,
                        long_side=None, command=None) -> dict:
-    """Load + preprocess records over all CPU cores into shards `{prefix}_{split}_{modality}_NNNNN.h5` in
-    out_dir, skipping shards finished from the same records. records: dicts as adapters.py makes them;
-    load_fn(record), a picklable top-level function, returns the raw 2D (H, W) or 3D (hu, spacing_zyx) or
-    raises BadInput. long_side: None (paper sizes), an int or {'2d': .., '3d': ..}. Returns the report,
-    also merged into out_dir/report.json under `prefix` (DATA.md, "Preprocessing runner")."""
+    """Records (as adapters.py makes them) loaded by load_fn (picklable: raw 2D (H, W) or 3D (hu, spacing_zyx),
+    or BadInput) and preprocessed over all CPU cores into shards {prefix}_{split}_{modality}_NNNNN.h5, skipping
+    finished ones. Returns the report, also in out_dir/report.json (DATA.md, "Preprocessing runner")."""
     os.makedirs(out_dir, exist_ok=True)
     command = command or f"python data.py {prefix} --root R --out {out_dir}"
     groups, seen = {}, set()
     for i, r in enumerate(records):
-        if any(k not in r for k in STR_KEYS):
-            raise ValueError(f"{prefix} record {i} ({r.get('id', '?')}): missing field "
-                             f"'{next(k for k in STR_KEYS if k not in r)}'")
+        missing = [k for k in STR_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"{prefix} record {i} ({r.get('id', '?')}): missing field '{missing[0]}'")
         if r['split'] not in SPLITS or r['modality'] not in LONG_SIDE:
             raise ValueError(f"{prefix} record {r['id']}: split {r['split']!r} / modality {r['modality']!r}, "
                              f"expected one of {SPLITS} / {tuple(LONG_SIDE)}")
@@ -392,9 +379,8 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
     rep['failed'], rep['complete'] = len(rep['failures']), True
     _save_report(out_dir, prefix, rep)
     print(f"{prefix}: written {rep['written']} | skipped {rep['skipped']} (finished shards) | failed {rep['failed']}"
-          f" | shards {rep['shards_written']} written, {rep['shards_skipped']} skipped -> {out_dir}")
-    for f in rep['failures'][:20]:
-        print(f"  failed {f['file']}: {f['reason']}")
+          f" | shards {rep['shards_written']} written, {rep['shards_skipped']} skipped -> {out_dir}",
+          *(f"  failed {f['file']}: {f['reason']}" for f in rep['failures'][:20]), sep="\n")
     if rep['failed'] > 20:
         print(f"  ... {rep['failed'] - 20} more in {os.path.join(out_dir, 'report.json')}")
     if rep['stale']:
@@ -411,9 +397,8 @@ def _save_report(out_dir, prefix, rep):
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Samples of the shards in a folder (or matching a glob), optionally one split / modality. The index
-    (labels, ids, shapes) is read here; image bytes per item through h5py handles opened lazily by the
-    process that reads, so no DataLoader worker inherits one through fork (they are not fork-safe)."""
+    """Samples of the shards in a folder or glob, optionally one split / modality: the index is read here, the
+    images through h5py handles opened by the process that reads (no worker inherits one through fork)."""
 
     def __init__(self, path_or_glob, split=None, modality=None):
         check_complete(path_or_glob)
@@ -429,11 +414,8 @@ class ShardDataset(torch.utils.data.Dataset):
                 col.update(file=np.full(n, fi), start=off[:-1], stop=off[1:],  # crc32 -1: written before checksums
                            crc32=h['crc32'][:].astype(np.int64) if 'crc32' in h else np.full(n, -1, np.int64))
             held.update(zip(col['modality'], col['split']))
-            keep = np.ones(n, bool)
-            if split is not None:
-                keep &= col['split'] == split
-            if modality is not None:
-                keep &= col['modality'] == modality
+            keep = np.ones(n, bool) & (col['split'] == split if split else True) & (
+                col['modality'] == modality if modality else True)
             for k, v in col.items():
                 cols.setdefault(k, []).append(v[keep])
         for k, v in cols.items():
@@ -493,8 +475,7 @@ def stream_index(n: int, seed: int, modality_id: int, k: int) -> int:
 
 
 def split_micro(tokens_per_sample: list, n_micro: int) -> list:
-    """Cut samples (kept whole: L_pred needs all views of a sample) into exactly n_micro contiguous,
-    non-empty chunks of roughly equal token counts. Returns n_micro + 1 boundaries."""
+    """n_micro + 1 boundaries cutting whole samples (L_pred needs all views) into balanced contiguous chunks."""
     total, bounds, acc, j = sum(tokens_per_sample), [0], 0, 1
     for i, t in enumerate(tokens_per_sample):
         acc += t
@@ -507,9 +488,8 @@ def split_micro(tokens_per_sample: list, n_micro: int) -> list:
 
 
 def micro_batches(batch: dict, n: int = 0) -> list:
-    """The micro-batches of a make_loader batch, [(Packed, aug, (a, b)) for samples a..b-1], as views of the
-    batch's tensors. With n above the loader's count, the largest (in tokens) is halved until there are n:
-    every rank must run as many as the rank that needs most, because SIGReg all-reduces in each."""
+    """[(Packed, aug, (a, b))] of a batch's micro-batches, as views; the largest halved until there are n, since
+    every rank must run as many as the rank that needs most (SIGReg all-reduces in each)."""
     pk, V, cuts = batch['packed'], batch['views_per_sample'], [tuple(c) for c in batch['micro']]
     toks = [sum(pk.seqlens[i * V:(i + 1) * V]) for i in range(len(batch['id']))]
     while len(cuts) < n:
@@ -521,10 +501,9 @@ def micro_batches(batch: dict, n: int = 0) -> list:
 
 
 class _StepBatches(torch.utils.data.Dataset):
-    """Map-style over steps: item s = this rank's batch of step s, cropped, cut and packed. The 2D (3D)
-    samples of global batch s are stream positions s*B .. s*B + B - 1 (B = world_size * b) and rank r takes
-    [r*b, (r+1)*b): ranks never overlap and the global batch does not depend on their number. Crops are
-    seeded by the stream position, so a batch is a pure function of (seed, s, rank)."""
+    """Item s = this rank's batch of step s. The 2D (3D) samples of global batch s are stream positions s*B ..
+    s*B + B - 1 (B = world_size * b), rank r takes [r*b, (r+1)*b), and crops are seeded by the stream position:
+    ranks never overlap, the global batch does not depend on their number, a batch is a function of (seed, s, rank)."""
 
     def __init__(self, ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop, skip_bad=False, n_views=None,
                  token_budget=None, alpha=128.0):
@@ -540,8 +519,7 @@ class _StepBatches(torch.utils.data.Dataset):
         return 1 << 62  # endless; DataLoader only needs the sampler's indices
 
     def _read(self, ds, idx, skipped):
-        """(index, int8 image) of ds[idx]; with skip_bad, a sample that fails to read is replaced by the next
-        readable one and its error appended to `skipped` (train.py logs and counts them)."""
+        """(index, int8 image) of ds[idx]; with skip_bad, an unreadable one is replaced by the next, its error kept."""
         for j in range(len(ds) if self.skip_bad else 1):
             try:
                 return (idx + j) % len(ds), ds.read((idx + j) % len(ds))
@@ -580,12 +558,9 @@ class _StepBatches(torch.utils.data.Dataset):
 def make_loader(ds2d, ds3d, b2d: int, b3d: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                 start_step: int = 0, crop: MultiCrop = None, workers: int = 0, stop_step=None, skip_bad=False,
                 n_views=None, token_budget=None, alpha=128.0, pin_memory=False):
-    """This rank's batches from step `start_step` on (endless unless stop_step), in step order, each built
-    whole by one DataLoader worker: b2d 2D then b3d 3D samples (stage 1: b3d = 0, ds3d may be None). Batch:
-    {'packed': Packed of int8 patches, the first n_views views of every sample, sample-major; 'aug': (views, 4)
-    for views.augment; 'views_per_sample'; 'micro': [(a, b)] sample ranges, as few as keep each under
-    token_budget tokens (see micro_batches); 'labels': (B, 5); 'modality', 'id': lists; 'step'; 'skipped':
-    errors of the bad samples replaced (skip_bad; else one raises)}. pin_memory: for non_blocking copies."""
+    """This rank's batches from step `start_step` on (endless unless stop_step), in step order, each built whole
+    by one DataLoader worker: b2d 2D then b3d 3D samples (ds3d may be None if b3d = 0), the first n_views
+    views of each, cut into as few micro-batches as keep each under token_budget. Batch format: DATA.md."""
     ds = _StepBatches(ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop or MultiCrop(), skip_bad, n_views,
                       token_budget, alpha)
     steps = range(start_step, stop_step if stop_step is not None else 1 << 62)  # the sampler yields step numbers
@@ -594,36 +569,25 @@ def make_loader(ds2d, ds3d, b2d: int, b3d: int, rank: int = 0, world_size: int =
 
 
 def pad_to_patches(x: np.ndarray, patch: int = PATCH) -> np.ndarray:
-    """An image (1, H, W) / (1, Z, H, W) padded evenly to whole patches with -1 (air, black; -127 if int8).
-    Padding, not trimming: a 40-slice CT would lose 12 slices to a trim, and gains 2."""
+    """An image padded evenly to whole patches with -1 (air, black; -127 if int8): a 40-slice CT gains 2."""
     return np.pad(x, [(0, 0)] + [(-s % patch // 2, -s % patch - -s % patch // 2) for s in x.shape[1:]],
                   constant_values=-Q if x.dtype == np.int8 else -1.0)
 
 
-class _WholeBatches(torch.utils.data.Dataset):
-    """Item g = group g of consecutive samples, whole and packed (int8 patches); see iterate_whole."""
-
-    def __init__(self, ds, groups, patch, alpha):
-        self.ds, self.groups, self.patch, self.alpha = ds, groups, patch, alpha
-
-    def __len__(self):
-        return len(self.groups)
-
-    def __getitem__(self, g):
-        idx, ds = self.groups[g], self.ds
-        share = torch.utils.data.get_worker_info() is not None
-        packed = pack_arrays([pad_to_patches(ds.read(i), self.patch) for i in idx], self.patch, self.alpha, share)
-        return {'packed': packed, 'aug': torch.tensor([[1.0, 0.0, 0.0, 0.0]] * len(idx), dtype=torch.float64),
-                'labels': torch.from_numpy(ds.labels[idx]), 'modality': [str(ds.modality[i]) for i in idx],
-                'id': [str(ds.id[i]) for i in idx], 'patient_id': [str(ds.patient_id[i]) for i in idx]}
+def _whole_batch(ds, patch, alpha, idx) -> dict:
+    """Samples idx of ds, whole and packed (int8 patches), in the DataLoader worker: see iterate_whole."""
+    share = torch.utils.data.get_worker_info() is not None
+    return {'packed': pack_arrays([pad_to_patches(ds.read(i), patch) for i in idx], patch, alpha, share),
+            'aug': torch.tensor([[1.0, 0.0, 0.0, 0.0]] * len(idx), dtype=torch.float64),
+            'labels': torch.from_numpy(ds.labels[idx]), 'modality': [str(ds.modality[i]) for i in idx],
+            'id': [str(ds.id[i]) for i in idx], 'patient_id': [str(ds.patient_id[i]) for i in idx]}
 
 
 def iterate_whole(ds: 'ShardDataset', token_budget: int, rank: int = 0, world_size: int = 1, workers: int = 0,
                   patch: int = PATCH, alpha: float = 128.0, pin_memory: bool = False):
     """One pass over ds in order (rank r takes samples r, r + world_size, ...), whole images padded to whole
-    patches, in batches of consecutive samples of at most token_budget tokens (a larger one goes alone),
-    packed in the workers. Batch: {'packed' (int8), 'aug' (identity rows: views.augment gives the floats),
-    'labels': (B, 5), 'modality', 'id', 'patient_id'}."""
+    patches, in batches of consecutive samples of at most token_budget tokens (a larger one goes alone).
+    Batch: {'packed' (int8), 'aug' (identity, for views.augment), 'labels', 'modality', 'id', 'patient_id'}."""
     groups, toks = [], 0
     for i in range(rank, len(ds), world_size):
         n = math.prod(-(-int(s) // patch) for s in ds.shape[i][int(ds.modality[i] == '2d'):])  # tokens once padded
@@ -632,17 +596,15 @@ def iterate_whole(ds: 'ShardDataset', token_budget: int, rank: int = 0, world_si
             toks = 0
         groups[-1].append(i)
         toks += n
-    return torch.utils.data.DataLoader(_WholeBatches(ds, groups, patch, alpha), batch_size=None, shuffle=False,
+    return torch.utils.data.DataLoader(groups, batch_size=None, collate_fn=partial(_whole_batch, ds, patch, alpha),
                                        num_workers=workers, pin_memory=pin_memory)
 
 
 # ----------------------------------------------------------------------------- the phantom world (phantom.py)
 
 def make_phantom(out_dir, workers=None, **config):
-    """The phantom world (phantom.records and phantom.load) into out_dir through preprocess_records, the
-    real-data path. config: seed, n2d, n3d, long_side_2d, long_side_3d; one not given is the value
-    out_dir/phantom.json recorded when the world was started (an interrupted world is finished as it was
-    started), else phantom.py's default. A complete world is skipped, one of another config refused."""
+    """The phantom world into out_dir through preprocess_records. config (seed, n2d, n3d, long_side_2d/3d) not
+    given: as phantom.json recorded it (an interrupted world is finished as started), else phantom.py's."""
     marker = os.path.join(out_dir, 'phantom.json')
     done = _read_json(marker)
     cfg = dict(seed=0, n2d=list(phantom.N2D), n3d=list(phantom.N3D), long_side_2d=phantom.LONG_SIDE_2D,
@@ -673,9 +635,8 @@ def make_phantom(out_dir, workers=None, **config):
 
 
 def ensure_phantom(data_dir, workers=None):
-    """What train.py, probe.py and bench.py do first (rank 0): make the phantom world in data_dir when it holds
-    no shards and no report of another data set, and finish one whose generation was interrupted (phantom.json
-    "complete": false; finished shards are kept). A complete world or real data: left alone."""
+    """What the scripts do first: make the phantom world in data_dir if it holds no shards and no other data set's
+    report, or finish one whose generation was interrupted (phantom.json "complete": false)."""
     interrupted = _read_json(os.path.join(data_dir, 'phantom.json')).get('complete') is False
     if not interrupted and (_find_shards(data_dir) or _read_report(data_dir)):
         return

@@ -3,13 +3,10 @@ The LeJEPA objective (paper section 2.2; Balestriero & LeCun 2025, arXiv 2511.08
 
     L = (1 - lam) * L_pred + lam * SIGReg
 
-- `epps_pulley`: the Epps-Pulley statistic of each column against N(0, 1), by quadrature on t >= 0.
-- `sigreg`: its mean over random unit directions (slices), redrawn every step from the step number.
-- `lejepa_loss`: prediction loss to the centroid of the global views, plus SIGReg per view.
-- `Projector`: the MLP head whose output both terms see (the probe uses the backbone embedding).
-
-Under DDP every rank gets the statistic of the GLOBAL batch, with exact gradients (see epps_pulley).
-Everything here runs in fp32, whatever the autocast. Nothing runs on import.
+epps_pulley (the statistic of each column against N(0, 1), by quadrature), sigreg (its mean over random
+directions, redrawn each step from the step number), lejepa_loss (prediction to the centroid of the global
+views, plus SIGReg per view) and the Projector both terms see. Under DDP every rank gets the statistic of
+the GLOBAL batch, with exact gradients. Everything runs in fp32, whatever the autocast.
 """
 
 import torch
@@ -60,11 +57,9 @@ def _ecf(x: torch.Tensor, t: torch.Tensor, n_global: int | None):
     sums = _CosSinSums.apply(x.t(), t)  # (2, M, T)
     n = torch.tensor(float(x.shape[0]), device=x.device)
     if dist.is_available() and dist.is_initialized():
-        # collective: every rank must call this. The autograd-aware all_reduce RETURNS the sum; the
-        # input is left untouched, so using `sums` afterwards would silently give the local statistic
-        # and wrong gradients. Its backward all-reduces the incoming gradient (a SUM), so each rank's
-        # input gradient is world_size times the single-process one; DDP's gradient averaging divides
-        # that factor out again, which makes the parameter gradients exact.
+        # collective. The autograd-aware all_reduce RETURNS the sum (its input is untouched: using it would
+        # silently give the local statistic); its backward sums the gradient over ranks, world_size times the
+        # single-process one, which DDP's gradient averaging divides out again: exact parameter gradients.
         sums = dist_nn.all_reduce(sums, op=dist.ReduceOp.SUM)
         if n_global is None:  # count across ranks, so unequal per-rank batches are exact too
             dist.all_reduce(n)  # collective; no gradient flows through a count
@@ -75,12 +70,9 @@ def _ecf(x: torch.Tensor, t: torch.Tensor, n_global: int | None):
 
 
 def epps_pulley(x: torch.Tensor, n_global: int | None = None) -> torch.Tensor:
-    """Epps-Pulley statistic of each column of x (N, M) against N(0, 1), in fp32 -> (M,):
-
-        EP = N * integral_R |phi_N(t) - exp(-t^2/2)|^2 * exp(-t^2/2) dt,  phi_N(t) = mean_j exp(i t x_j)
-
-    Under a process group x is this rank's share and EP that of the batch over all ranks, whose count
-    n_global is counted in a collective unless given."""
+    """EP = N * integral_R |phi_N(t) - exp(-t^2/2)|^2 * exp(-t^2/2) dt, phi_N(t) = mean_j exp(i t x_j), of each
+    column of x (N, M) against N(0, 1), fp32 -> (M,). Under a process group x is this rank's share and EP that
+    of the batch over all ranks, whose count n_global is counted in a collective unless given."""
     if not (dist.is_available() and dist.is_initialized()) and n_global not in (None, x.shape[0]):
         raise ValueError(f"lejepa.epps_pulley: n_global={n_global} but x has {x.shape[0]} rows and there is "
                          f"no process group; pass n_global=None in a single process")
@@ -122,10 +114,9 @@ def sigreg(z: torch.Tensor, num_slices: int = NUM_SLICES, step: int = 0) -> torc
 
 def lejepa_loss(z: torch.Tensor, n_global: int = 2, lam: float = LAM, num_slices: int = NUM_SLICES,
                 step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z: (V, N, K) projector outputs, view-major, the n_global global views first. Returns fp32 (total, pred,
-    sigreg), total = (1 - lam) * pred + lam * sigreg; pred = mean over views of mean((mu - z_v)^2), mu the
-    centroid of the global views, no stop-gradient (LeJEPA needs none). pred is this rank's (DDP's gradient
-    averaging makes it the global mean), sigreg the global batch's."""
+    """z: (V, N, K) projector outputs, view-major, global views first -> fp32 (total, pred, sigreg), total =
+    (1 - lam) * pred + lam * sigreg, pred = mean over views of mean((mu - z_v)^2), mu the centroid of the
+    global views (no stop-gradient). pred is this rank's (DDP averages it), sigreg the global batch's."""
     if z.dim() != 3 or not 1 <= n_global <= z.shape[0]:
         raise ValueError(f"lejepa.lejepa_loss: expected z of shape (V, N, K) with 1 <= n_global <= V, got "
                          f"{tuple(z.shape)} and n_global={n_global}; reshape the projector output view-major")
@@ -138,10 +129,8 @@ def lejepa_loss(z: torch.Tensor, n_global: int = 2, lam: float = LAM, num_slices
 
 
 class Projector(nn.Module):
-    """The head that L_pred and SIGReg see: (Linear -> LayerNorm -> ReLU) x 2 -> Linear, as LeJEPA's minimal
-    example but with LayerNorm for BatchNorm, whose per-rank batch statistics would make a sample's output
-    depend on the samples it shares a rank and micro-batch with (breaking exact DDP and batch invariance).
-    The output is linear, free to become an isotropic Gaussian; 1024 directions cover its 128 dims well."""
+    """(Linear -> LayerNorm -> ReLU) x 2 -> Linear, as LeJEPA's minimal example but with LayerNorm: BatchNorm's
+    per-rank statistics would make a sample's output depend on its rank and micro-batch mates. Linear out."""
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128):
         super().__init__()

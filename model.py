@@ -10,10 +10,7 @@ SparseMedicalViT: one vision transformer for 2D radiographs and 3D CT (paper sec
 "Sparse" (paper): the shared 3D coordinate space is partly occupied, a radiograph filling the plane
 z = 0 and a CT a volume; nothing in the network knows which modality a token came from.
 
-Usage:
-    cfg = ModelConfig(**PRESETS['small'])
-    model = SparseMedicalViT(cfg)
-    emb = model([xray_224x196, ct_crop_56x112x98])   # (2, 384)
+Usage: SparseMedicalViT(ModelConfig(**PRESETS['small']))([xray_224x196, ct_56x112x98])  -> (2, 384)
 """
 
 from dataclasses import dataclass
@@ -38,8 +35,7 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE frequency base (paper: 10,000)
 
 
-# Parameter counts (backbone only) are in the README. Head dims: tiny 48 (8 RoPE pairs per axis),
-# small/base 64 (10 pairs per axis + 4 unrotated dims).
+# head dims: tiny 48 (8 RoPE pairs per axis), small/base 64 (10 pairs per axis + 4 unrotated dims)
 PRESETS = {
     "tiny": dict(dim=192, depth=4, heads=4),    # tests and CPU runs
     "small": dict(dim=384, depth=12, heads=6),  # ViT-S/14
@@ -134,9 +130,6 @@ class SparseMedicalViT(nn.Module):
             nn.init.trunc_normal_(b.attn.proj.weight, std=0.02 / (2 * self.cfg.depth) ** 0.5)
             nn.init.trunc_normal_(b.mlp.fc2.weight, std=0.02 / (2 * self.cfg.depth) ** 0.5)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def pack(self, views) -> Packed:
         """Pack a list of views on the CPU and move the result to the model's device."""
         views = [v.cpu() if isinstance(v, torch.Tensor) else v for v in views]  # pack_views refuses non-tensors
@@ -144,8 +137,7 @@ class SparseMedicalViT(nn.Module):
         return packed.to(self.patch_embed.weight.device)
 
     def forward_tokens(self, views_or_packed):
-        """Per-token features (S, dim) after the final norm, and the Packed metadata (grids, seqlens,
-        view ids) to map them back to each view's patch grid, e.g. for PCA feature maps."""
+        """Per-token features (S, dim) after the final norm, and the Packed (its grids map them back to views)."""
         packed = views_or_packed if isinstance(views_or_packed, Packed) else self.pack(views_or_packed)
         x = self.patch_embed(packed)  # (S, D)
         rope = rope_cos_sin(packed.coords, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)  # once per forward
@@ -161,5 +153,5 @@ class SparseMedicalViT(nn.Module):
         return pool_views(x, packed)
 
     def describe(self, device, dtype) -> str:
-        return (f"SparseMedicalViT {self.cfg} | {self.num_params() / 1e6:.2f}M params | "
+        return (f"SparseMedicalViT {self.cfg} | {sum(p.numel() for p in self.parameters()) / 1e6:.2f}M params | "
                 f"attention path: {attention_path(torch.device(device), dtype)}")

@@ -1,19 +1,14 @@
 """
-Sequence packing and variable-length attention (paper section 2.1.2).
-
-Views of different sizes (2D [C, H, W], 3D [C, Z, H, W]) are never padded or resized to one shape: all
-their P^3 patches form ONE token sequence, `cu_seqlens` marks where each view starts, and attention
-stays inside each view (flash-attn's varlen kernel on CUDA, an exact per-view SDPA loop elsewhere).
-
-    pack_views(views) -> Packed        patches, (S, 3) RoPE coordinates, cu_seqlens, max_seqlen, view ids
-    pack_arrays(arrays, share=...)     the same for numpy views (int8 crops in a loader worker), one copy each
-    Packed.slice(a, b), .to, .pin_memory   views a..b-1 without a copy; move; page-lock
-    varlen_attention(q, k, v, ...)     non-causal attention within each view, q/k/v of shape (S, H, Dh)
-    pool_views(x, packed)              per-view mean of the token features, (N, D)
-    split_views(x, packed)             a packed (S, ...) tensor back into one tensor per view
-
-A 2D view is a pseudo-volume of depth 1 (paper: zero-padded along depth to P); its patches stay P^2
+Sequence packing and variable-length attention (paper section 2.1.2). Views of any sizes (2D [C, H, W],
+3D [C, Z, H, W]) are never padded to one shape: all their P^3 patches form ONE token sequence, cu_seqlens
+marks where each view starts, and attention stays inside each view (flash-attn's varlen kernel on CUDA,
+an exact per-view SDPA loop elsewhere). A 2D view is a pseudo-volume of depth 1; its patches stay P^2
 vectors, which model.py projects with the one depth slice of the P^3 weight that meets the image.
+
+    pack_views(views) -> Packed        patches, (S, 3) RoPE coordinates, cu_seqlens, view ids, length groups
+    pack_arrays(arrays, share=...)     the same for numpy views (int8 crops in a loader worker), one copy each
+    varlen_attention(q, k, v, ...)     non-causal attention within each view, q/k/v of shape (S, H, Dh)
+    pool_views(x, packed), split_views(x, packed)   per-view mean of token features, or per-view tensors
 """
 
 import math
@@ -43,8 +38,7 @@ if torch.cuda.is_available():  # torch >= 2.10, CUDA only; importing it costs ~3
 
 @dataclass
 class Packed:
-    """One packed batch of N views, S tokens; 2D and 3D patch vectors (C*P^2, C*P^3) are kept apart,
-    with their positions in the packed sequence."""
+    """One packed batch of N views, S tokens; 2D and 3D patch vectors kept apart, with their positions."""
     patches2d: torch.Tensor   # (S2, C*P*P) float, tokens of 2D views
     patches3d: torch.Tensor   # (S3, C*P*P*P) float, tokens of 3D views
     idx2d: torch.Tensor       # (S2,) long, where those tokens sit in the packed sequence
@@ -66,32 +60,27 @@ class Packed:
         return self.coords.shape[0]
 
     def __reduce__(self):
-        """Pickled (from a DataLoader worker) as 4 tensors, not 9: every tensor handed to another process
-        costs ~0.5 ms there (a file descriptor passed over a socket), so the integer metadata travels as one."""
+        """Pickled (from a worker) as 4 tensors, not 9: each costs ~0.5 ms to hand over (a file descriptor)."""
         ints = [self.idx2d, self.idx3d, self.view_ids, self.cu_seqlens.long(), *self.groups[:2]]
         return _unflatten, (self.patches2d, self.patches3d, self.coords, torch.cat(ints), [t.numel() for t in ints],
                             self.seqlens, self.max_seqlen, self.grids, self.groups[2])
 
-    def _map(self, fn, patches=None):
-        """A Packed with fn applied to every tensor (patches through `patches` if given); host metadata shared."""
+    def _map(self, fn):
+        """A Packed with fn applied to every tensor; the host metadata is shared."""
         perm, inv, shapes = self.groups
-        p = patches or fn
-        return Packed(p(self.patches2d), p(self.patches3d), fn(self.idx2d), fn(self.idx3d), fn(self.coords),
+        return Packed(fn(self.patches2d), fn(self.patches3d), fn(self.idx2d), fn(self.idx3d), fn(self.coords),
                       fn(self.cu_seqlens), fn(self.view_ids), self.seqlens, self.max_seqlen, self.grids,
                       (fn(perm), fn(inv), shapes))
 
-    def to(self, device, dtype=None, non_blocking=False):
-        """Move tensors; patches also cast to `dtype` if given. Host metadata stays on the host."""
-        mv = lambda t, dt=None: t.to(device=device, dtype=dt, non_blocking=non_blocking)
-        return self._map(mv, lambda t: mv(t, dtype))
+    def to(self, device, non_blocking=False):
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self):
         """Page-locked copy, so .to(cuda, non_blocking=True) overlaps; DataLoader(pin_memory=True) calls it."""
         return self._map(lambda t: t.pin_memory())
 
     def slice(self, a: int, b: int) -> "Packed":
-        """Views a..b-1 as a Packed of their own, on the host: row views of the patches and coords (no copy),
-        the small metadata derived from this one's (its length order too). train.py cuts micro-batches so."""
+        """Views a..b-1 as a Packed of their own, on the host: row views of the tensors, no copy (micro-batches)."""
         lo, hi = sum(self.seqlens[:a]), sum(self.seqlens[:b])
         r2, r3 = (torch.searchsorted(i, torch.tensor([lo, hi])).tolist() for i in (self.idx2d, self.idx3d))
         perm = self.groups[0]
@@ -131,15 +120,13 @@ def check_view(i: int, v, patch: int, in_chans: int):
     return grid_of(shape, patch)
 
 
-def pack_views(views, patch: int = PATCH, in_chans: int = 1, alpha: float = 128.0,
-               check_finite: bool = True) -> Packed:
-    """Pack a list of float views (torch tensors, checked) into one token sequence on the CPU; move the
-    result with Packed.to(device)."""
+def pack_views(views, patch: int = PATCH, in_chans: int = 1, alpha: float = 128.0) -> Packed:
+    """Pack a list of float views (torch tensors, checked) into one token sequence on the CPU."""
     if len(views) == 0:
         raise ValueError("pack_views: empty list of views; pass at least one [C, H, W] or [C, Z, H, W] tensor")
     for i, v in enumerate(views):
         check_view(i, v, patch, in_chans)
-        if check_finite and not torch.isfinite(v).all():
+        if not torch.isfinite(v).all():
             raise ValueError(f"view {i} has shape {tuple(v.shape)}: contains NaN or inf values")
     return pack_arrays([v.detach().float().cpu().numpy() for v in views], patch, alpha)
 
@@ -151,10 +138,8 @@ def _empty(n: int, k: int, dtype, share: bool) -> torch.Tensor:
 
 
 def pack_arrays(views, patch: int = PATCH, alpha: float = 128.0, share: bool = False) -> Packed:
-    """pack_views for numpy views of valid shapes (C, H, W) / (C, Z, H, W), all of one dtype: float32 in
-    [-1, 1], or int8 q = 127 x as a loader worker ships them (views.augment makes floats of them on the
-    device). Each view is copied once, straight into its rows of the patch buffers, which keep the dtype;
-    share=True allocates those in shared memory, so a DataLoader worker hands them over without a copy."""
+    """pack_views for numpy views of valid shapes, all float32 or all int8 (q = 127 x, as a loader worker ships
+    them), each copied once into its rows of the patch buffers, in shared memory if share (no copy to hand over)."""
     C, dtype = views[0].shape[0], torch.from_numpy(views[0][:0]).dtype
     assert all(torch.from_numpy(v[:0]).dtype == dtype for v in views), "pack_arrays: views of mixed dtypes"
     grids = [grid_of(v.shape, patch) for v in views]
@@ -181,15 +166,13 @@ def pack_arrays(views, patch: int = PATCH, alpha: float = 128.0, share: bool = F
 def _view_meta(seqlens) -> tuple:
     """cu_seqlens, view_ids, seqlens, max_seqlen of views of these token counts."""
     n = torch.tensor(seqlens)
-    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(n, 0)
+    cu = F.pad(torch.cumsum(n, 0), (1, 0)).int()
     return cu, torch.repeat_interleave(torch.arange(len(seqlens)), n), list(seqlens), max(seqlens)
 
 
 def length_groups(seqlens):
-    """Order the tokens so that views of equal length sit together: (perm, inv, [(L, n_views), ...]).
-    The exact attention path then makes one batched SDPA call per distinct length instead of one per
-    view; crops snap to whole patches, so a batch of hundreds of views has only tens of lengths."""
+    """Tokens ordered so that views of equal length sit together, for one batched SDPA call per length on the
+    exact path (crops snap to whole patches: hundreds of views have tens of lengths). See _groups."""
     starts = [0, *accumulate(seqlens)]
     order = sorted(range(len(seqlens)), key=lambda i: seqlens[i])
     return _groups(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]), seqlens)
@@ -226,8 +209,7 @@ def attention_path(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, groups=None):
-    """Non-causal attention of q/k/v (S, H, Dh) within each view given by cu_seqlens (N+1,) int32.
-    `groups` (Packed.groups) is used by the exact path; without it it is built from cu_seqlens."""
+    """Non-causal attention of q/k/v (S, H, Dh) within each view of cu_seqlens (N+1,) int32; groups: Packed.groups."""
     path = attention_path(q.device, q.dtype)
     if path.startswith("flash_attn"):
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=False)

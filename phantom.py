@@ -1,27 +1,17 @@
 """
-The phantom chest world: a labelled synthetic 2D + 3D data set that needs no download. It makes
-records and raw images only; data.make_phantom sends them through the real-data path into shards
-(python data.py phantom --out data/phantom; train.py, probe.py and bench.py do it on first use).
+The phantom chest world: a labelled synthetic 2D + 3D data set that needs no download. It makes records
+and raw images only; data.make_phantom sends them through the real-data path into shards (python data.py
+phantom --out data/phantom; train.py, probe.py and bench.py do it on first use). Calibration: RESULTS.md.
 
     records(seed, n2d, n3d)  -> one cheap dict per sample: ids, split, labels, a per-sample seed
     load(record)             -> the RAW image, synthesised from the record alone (pure, picklable)
         3d: volume(rng, findings)            -> HU volume (Z, H, W) + spacing, like a CT scan
         2d: drr(volume(rng, findings, DRR))  -> a radiograph projected through ANOTHER phantom patient
 
-Anatomy (mm, patient frame): body outline with a fat layer, two lungs above domed hemidiaphragms,
-heart, mediastinum, trachea, spine, ribs, sternum, liver. The 5 findings of the paper (section 3):
-  ATEL  volume loss (raised hemidiaphragm) plus a band-like plate of collapsed lung
-  CARD  an enlarged heart
-  CONS  a dense, irregular region of lung with air bronchograms
-  LO    a hazy ground-glass region
-  EFF   dependent fluid layering at a lung base
-Calibration (world v2, RESULTS.md): findings show in most crops and at the scale of a token, yet a
-raw-pixel model stays a floor (macro <= 0.88), because the patient lies anywhere in a fixed field of
-view and each radiograph has its own tone curve and detector noise (expose); what every crop of one
-phantom shares besides its findings (body size and shape) varies little.
-
-Orientation as adapters.py: 3D (Z, H, W) = inferior -> superior, anterior -> posterior, patient
-right -> left; a radiograph has rows superior -> inferior, columns patient right -> left.
+Anatomy (mm): body with a fat layer, lungs above domed hemidiaphragms, heart, mediastinum, trachea,
+spine, ribs, sternum, liver, placed anywhere in a fixed field of view. The findings (paper section 3):
+ATEL volume loss plus a plate of collapsed lung, CARD an enlarged heart, CONS a dense irregular region
+with air bronchograms, LO hazy ground glass, EFF dependent fluid at a lung base. Orientation as readers.py.
 """
 
 import numpy as np
@@ -86,8 +76,7 @@ def draw_findings(rng, n):
 
 
 def records(seed=0, n2d=N2D, n3d=N3D):
-    """Cheap per-sample dicts for data.preprocess_records; everything is a pure function of seed.
-    'findings' is the truth the generator draws; 'labels' is what is stored (2D: some NaN)."""
+    """Per-sample dicts, a pure function of seed: 'findings' the truth drawn, 'labels' what is stored (2D: some NaN)."""
     out = []
     for m, (modality, counts) in enumerate((('2d', n2d), ('3d', n3d))):
         for s, (split, n) in enumerate(zip(('train', 'val', 'test'), counts)):
@@ -118,9 +107,8 @@ def load(record):
 # the generator
 
 def smooth_noise(rng, shape, cell):
-    """Zero-mean Gaussian random field, correlation length ~cell voxels per axis: white noise on a
-    coarse grid, linearly interpolated one axis at a time (plain gathers, no BLAS threads to fight
-    the worker processes, and far cheaper than blurring or ndimage.zoom on the full volume)."""
+    """Zero-mean Gaussian field, correlation ~cell voxels per axis: coarse white noise interpolated one axis at a
+    time (plain gathers: no BLAS threads to fight the workers, far cheaper than blurring the volume)."""
     f = rng.standard_normal([max(2, int(np.ceil(n / c)) + 1) for n, c in zip(shape, cell)]).astype(np.float32)
     for axis, n in enumerate(shape):
         m = f.shape[axis]
@@ -154,8 +142,7 @@ def random_rotation(rng):
 
 
 def volume(rng, findings, spacing_zyx=None):
-    """One phantom chest CT: (hu float32 (Z, H, W) in canonical orientation, spacing_zyx in mm).
-    findings: 0/1 per LABELS entry (the truth, never NaN). spacing_zyx: None draws a CT spacing."""
+    """(hu float32 (Z, H, W) canonical, spacing_zyx mm) of one phantom chest CT with these 0/1 findings."""
     f = dict(zip(LABELS, np.asarray(findings, dtype=float)))
     if np.shape(findings) != (5,) or any(v not in (0, 1) for v in f.values()):
         raise ValueError(f"phantom.volume: findings must be 5 values 0/1 in {LABELS} order, got {findings}")
@@ -297,17 +284,15 @@ def volume(rng, findings, spacing_zyx=None):
 
 
 def expose(rng, img):
-    """A radiograph as a detector and its processing give it: img / max to the power gamma (a
-    per-image tone curve), plus Gaussian detector noise; gamma log-uniform in XRAY_GAMMA."""
+    """A radiograph as a detector gives it: (img / max) ** gamma, a per-image tone curve, plus detector noise."""
     gamma = np.exp(rng.uniform(*np.log(XRAY_GAMMA)))
     x = (np.maximum(img, 0) / max(float(img.max()), 1e-6)) ** gamma
     return (x + rng.uniform(*XRAY_NOISE) * rng.standard_normal(x.shape)).astype(np.float32)
 
 
 def drr(hu, spacing_zyx):
-    """Digitally reconstructed radiograph: line integrals of attenuation along anterior-posterior
-    (H), in mm of water, resampled to square pixels; rows superior -> inferior, columns patient
-    right -> left, as a radiograph is displayed. Dense = bright."""
+    """Digitally reconstructed radiograph: attenuation integrated anterior-posterior in mm of water, square
+    pixels, displayed as usual (rows superior -> inferior, columns patient right -> left), dense = bright."""
     sz, sy, sx = spacing_zyx
     mu = np.maximum(hu.astype(np.float32) + 1000.0, 0.0) / 1000.0  # attenuation relative to water
     img = mu.sum(1) * sy                                            # (Z, W) water-equivalent mm

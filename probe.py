@@ -1,19 +1,15 @@
 """
 Frozen-feature evaluation (paper section 3, Tables 1-3, Figure 2): linear probes, AUROC with patient-
-bootstrap confidence intervals, the tables and the PCA figures.
+bootstrap confidence intervals, the tables and the PCA figures. The protocol: README, "Evaluation".
 
     python probe.py --ckpt=out/ckpt.pt                      # phantom world (train.py's default data)
     python probe.py --ckpt=out/stage3/ckpt.pt --supervised=out/supervised/ckpt.pt --external_dir=data/external
 
-Encoders under one protocol: the checkpoint, the same architecture at random init (seeded as train.py
-seeds: for a run from scratch, the weights it started from) and the supervised baseline if given,
-always through the backbone embedding. Every sample is embedded WHOLE (padded to whole patches, no crop
-or resize); features are cached in features.hdf5 next to the checkpoint. One logistic regression per
-finding on standardised features, NaN labels masked, C by validation AUROC, fit on the train split of
-the pretraining data (LP data 2d, 3d or all: Table 3), or on an external set's own train split (domain
-adaptation: Table 2); AUROC per finding and macro, 95% CI over test PATIENTS. Test sets: each (shard
-prefix, modality) with a test split in data_dir (internal) and external_dir. On the phantom world the
-raw-pixel floor joins the table. Out: the table, probe.json, table.txt, pca_lr.png and pca_maps.png.
+The checkpoint, the same architecture at random init (seeded as train.py seeds) and the supervised
+baseline, each through its backbone embedding of every WHOLE sample (features cached next to the
+checkpoint); a logistic regression per finding, C by validation AUROC, fit on the pretraining data's
+train split (LP data 2d, 3d, all: Table 3) or an external set's own (Table 2); 95% CIs over test
+PATIENTS. Test sets: each (shard prefix, modality) with a test split in data_dir and external_dir.
 """
 
 import glob
@@ -74,18 +70,15 @@ FLOOR_C, FLOOR_ITER = (1e-4, 1e-3, 1e-2, 0.1, 1.0), 5000
 
 def _auroc_groups(g, y, w):
     """AUROC from precomputed tie groups g (sample -> rank of its distinct score)."""
-    pos = np.bincount(g, w * (y == 1))
-    neg = np.bincount(g, w * (y == 0))
-    npos, nneg = pos.sum(), neg.sum()
-    if npos == 0 or nneg == 0:
+    pos, neg = np.bincount(g, w * (y == 1)), np.bincount(g, w * (y == 0))
+    if pos.sum() == 0 or neg.sum() == 0:
         return float("nan")
     below = np.cumsum(neg) - neg  # negative weight with a strictly lower score
-    return float((pos * (below + 0.5 * neg)).sum() / (npos * nneg))
+    return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
 
 
 def auroc(y, s, w=None) -> float:
-    """P(score of a positive > score of a negative), ties 1/2 (Mann-Whitney U), with optional sample weights
-    w (a bootstrap resample: how often each sample was drawn); NaN labels masked, NaN if a class is missing."""
+    """P(positive scores above negative), ties 1/2, weights w optional (a resample); NaN labels masked."""
     y, s = np.asarray(y, np.float64), np.asarray(s, np.float64)
     w = np.ones_like(y) if w is None else np.asarray(w, np.float64)
     keep = ~np.isnan(y) & ~np.isnan(s)
@@ -94,8 +87,7 @@ def auroc(y, s, w=None) -> float:
 
 
 def bootstrap_ci(y, s, patients, n_boot=1000, seed=0, level=0.95):
-    """(low, high) of the macro AUROC over resamples of test PATIENTS (a drawn patient brings all its samples:
-    they are not independent). y, s: (N, K) labels (NaN unknown) and scores; patients: (N,) ids."""
+    """(low, high) of the macro AUROC of y, s (N, K) over resamples of test PATIENTS (with all their samples)."""
     _, pid = np.unique(np.asarray(patients), return_inverse=True)
     P = pid.max() + 1
     cols = []  # per finding: samples with a label, their tie groups (sorted once, reused n_boot times)
@@ -118,8 +110,7 @@ def bootstrap_ci(y, s, patients, n_boot=1000, seed=0, level=0.95):
 # linear probe
 
 def fit_probe(xtr, ytr, xva, yva, Cs=Cs, max_iter=max_iter):
-    """One logistic regression per finding on standardised features, NaN labels left out; C with the best
-    validation AUROC (the middle one if val lacks a class). Returns (scaler, [classifier or None per finding])."""
+    """(scaler, [classifier or None per finding]): standardised features, NaN labels left out, C by val AUROC."""
     scaler = StandardScaler().fit(xtr)
     ztr, zva = scaler.transform(xtr), scaler.transform(xva)
     clfs = []
@@ -189,8 +180,7 @@ def whole_view(image, patch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(model, ds, device, token_budget=token_budget, workers=num_workers, desc="embed") -> dict:
-    """Frozen backbone embeddings of every sample of ds, in order: {'x' (N, dim) float32, 'y' (N, K), 'patient',
-    'id' (N,) str}, in batches of at most token_budget tokens packed by the workers (data.iterate_whole)."""
+    """{'x' (N, dim), 'y', 'patient', 'id'}: frozen backbone embeddings of ds, batches of <= token_budget tokens."""
     model.eval()
     bf16 = device.type == "cuda"  # flash path on GPU; exact fp32 on CPU
     out = {"x": [], "y": [], "patient": [], "id": []}
@@ -205,13 +195,11 @@ def embed(model, ds, device, token_budget=token_budget, workers=num_workers, des
             out["patient"] += b["patient_id"]
             out["id"] += b["id"]
             bar.update(len(b["id"]))
-    return {"x": np.concatenate(out["x"]), "y": np.concatenate(out["y"]), "patient": np.array(out["patient"]),
-            "id": np.array(out["id"])}
+    return {k: np.concatenate(v) if k in ("x", "y") else np.array(v) for k, v in out.items()}
 
 
 def cached(cache_path: str, encoder: str, ckpt_tag: str, key: str, compute) -> dict:
-    """Features from cache_path[encoder/hash(ckpt_tag, key)], else compute() and store them; the encoder's
-    entries of another ckpt_tag (a newer checkpoint was written) are stale: deleted."""
+    """cache_path[encoder/hash(ckpt_tag, key)], else compute() stored there; other ckpt_tags of encoder are deleted."""
     name = hashlib.sha1(f"{ckpt_tag}|{key}".encode()).hexdigest()[:16]
     if os.path.exists(cache_path):
         with h5py.File(cache_path, "r") as f:
@@ -245,9 +233,8 @@ def load_encoder(path: str):
 # figures (matplotlib is optional: write_figures skips them with a message when it is missing)
 
 def fig_pca_lr(x2, y2, x3, y3, labels, path, title, n_pc=16):
-    """Figure 2a: logistic regression on the first n_pc (whitened) principal components of the joint 2D + 3D
-    features, fit on 2D, 3D and both; signed coefficients, rows scaled to max 1. A component lit in the 2D
-    and 3D rows alike is shared across modalities, one lit in a single row modality-specific."""
+    """Figure 2a: LR coefficients on the joint features' first n_pc whitened PCs, fit on 2D, 3D and both (a
+    component lit in the 2D and 3D rows alike is shared across modalities)."""
     import matplotlib.pyplot as plt
     parts = [(n, x, y) for n, x, y in (("2D", x2, y2), ("3D", x3, y3)) if len(x)]
     xall = np.concatenate([x for _, x, _ in parts])
@@ -277,10 +264,8 @@ def fig_pca_lr(x2, y2, x3, y3, labels, path, title, n_pc=16):
 
 @torch.no_grad()
 def pca_maps(model, vs) -> list:
-    """DINO-style maps (Oquab et al. 2024): the first 3 principal components of all views' patch tokens
-    as RGB, one basis (a colour is one feature direction in 2D and 3D). Each view is centred (else PC 1 is
-    the 2D-vs-3D offset) and scaled to unit variance (else the busiest view picks the basis), its
-    components min-max scaled on their own. Returns (gz, gh, gw, 3) per view."""
+    """DINO-style maps: the first 3 PCs of all views' tokens (one basis) as RGB, (gz, gh, gw, 3) per view; each
+    view centred (else PC 1 is the 2D-3D offset) and scaled (else the busiest view picks the basis)."""
     tokens, packed = model.forward_tokens(model.pack(vs))
     cuts = np.cumsum(packed.seqlens)[:-1]
     xs = [v - v.mean(0) for v in np.split(tokens.float().cpu().numpy(), cuts)]  # per view (L, dim)
@@ -315,9 +300,8 @@ def fig_pca_maps(models, images, path, patch):
 # test sets on disk, and the run
 
 def find_sets(folder: str, external: bool) -> dict:
-    """{name: set} for each (prefix, modality) of the shards {prefix}_{split}_{modality}_NNNNN.h5 in folder: prefix,
-    modality, external, and per split a glob and a fingerprint (names, sizes, mtimes: rebuilt shards never
-    reuse cached features)."""
+    """{prefix-modality: set} of folder's shards: prefix, modality, external, per split a glob and a fingerprint
+    (names, sizes, mtimes: rebuilt shards never reuse cached features)."""
     data.check_complete(folder)  # a folder whose preprocessing was interrupted would give numbers on part of a set
     sets = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.h5"))):
@@ -345,8 +329,7 @@ def holdout(f: dict, frac=0.1, seed=0):
 
 
 def load_encoders(cfg):
-    """[(name, model, cache file, cache group, checkpoint tag)] and the checkpoint: the checkpoint, random
-    init, supervised. Features are cached next to each checkpoint; the tag (path, step, mtime) tells stale ones."""
+    """[(name, model, cache file, cache group, tag (path, step, mtime))] of each encoder, and the checkpoint."""
     def entry(path):
         model, ck = load_encoder(path)
         tag = f"{os.path.abspath(path)}|step {ck['step']}|mtime {os.stat(path).st_mtime_ns}"
@@ -458,16 +441,14 @@ def write_figures(encoders, get, sets, labels, out_dir):
 
 
 def pooled_pixels(ds, grid) -> dict:
-    """The raw pixels of every sample of ds, average-pooled to a fixed grid whatever the image size, as
-    embed() returns features; one image in memory at a time."""
+    """embed()'s features for raw pixels: every image of ds average-pooled to a fixed grid, one at a time."""
     pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
     x = [pool(torch.from_numpy(ds[i]["image"])[None], grid).flatten().numpy() for i in range(len(ds))]
     return {"x": np.stack(x), "y": ds.labels, "patient": ds.patient_id.astype(str)}
 
 
 def floor_rows(data_dir, labels, n_boot=n_boot, seed=seed) -> list:
-    """The floor every encoder must beat on the phantom world: the linear probe above (fit_probe, C on val,
-    CI over test patients) on pooled raw pixels, each modality tested on its own. Rows of the table."""
+    """Table rows of the floor every encoder must beat: the same probe on pooled raw pixels, per modality."""
     print("raw-pixel floor ...")
     rows = []
     for mod, grid in FLOOR_GRID.items():

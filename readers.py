@@ -126,8 +126,8 @@ def _axes_matrix(codes, spacing):
 
 
 def _reorient(a, m):
-    """Flip/transpose a 3D array with axes m (RAS, as _axes_matrix) to the CANONICAL (Z, H, W), and its
-    spacing with it. Oblique axes snap to the nearest one (no resampling)."""
+    """A 3D array with axes m (RAS, as _axes_matrix) flipped/transposed to CANONICAL, with its spacing; oblique
+    axes snap to the nearest (no resampling)."""
     ornt = _need('nibabel.orientations')
     aff = np.eye(4)
     aff[:3, :3] = m
@@ -141,8 +141,7 @@ def _reorient(a, m):
 
 
 def _volume(a, m):
-    """Checked, canonical (hu (Z, H, W), spacing_zyx); the HU test catches values never rescaled (no air)
-    and slope/intercept applied twice (median below air)."""
+    """Checked canonical (hu, spacing_zyx): no air means never rescaled, a median below air rescaled twice."""
     hu, spacing = _reorient(_image(a, 3), m)
     if hu.min() > AIR_MAX_HU:
         raise BadInput(f'not in HU: no air (minimum {hu.min():.0f} > {AIR_MAX_HU}); slope/intercept missing?')
@@ -155,8 +154,7 @@ def _volume(a, m):
 
 
 def _read_nifti(path, rec):
-    """(array, axes matrix): the record's scaling and geometry (original CT-RATE) if it has them, else the
-    header's (scl_slope/scl_inter through get_fdata, so HU once, never twice; the qform/sform affine)."""
+    """(array, axes matrix): the record's scaling and geometry (original CT-RATE), else the header's."""
     nib = _need('nibabel')
     try:
         img = nib.load(path)
@@ -174,8 +172,7 @@ def _read_nifti(path, rec):
 
 
 def _read_series(folder):
-    """One DICOM series per folder -> ((Z, rows, cols) HU, axes matrix), slices sorted by ImagePositionPatient
-    along the slice normal (InstanceNumber and file names are not reliable)."""
+    """A folder's DICOM series -> (HU (Z, rows, cols), axes matrix), slices sorted by position along the normal."""
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if file_kind(os.path.join(folder, f)) == 'dicom')
     slices = []
     for f in files:

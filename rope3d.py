@@ -43,8 +43,7 @@ def apply_rope_cs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     rot, rest = xf[..., : 6 * n], xf[..., 6 * n :]
     rot = rot.view(S, H, 3, 2, n)  # (S, H, axis, half, n)
     x1, x2 = rot[:, :, :, 0], rot[:, :, :, 1]  # (S, H, 3, n) each
-    c = cos.view(S, 1, 3, n)
-    s = sin.view(S, 1, 3, n)
+    c, s = cos.view(S, 1, 3, n), sin.view(S, 1, 3, n)
     y = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=3)  # (S, H, 3, 2, n)
     out = torch.cat([y.reshape(S, H, 6 * n), rest], dim=-1)  # (S, H, Dh)
     return out.to(x.dtype)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from ast import literal_eval
@@ -142,28 +143,26 @@ class Net(nn.Module):
 def run_info(device) -> dict:
     """What produced this run: recorded in the log and the checkpoint."""
     try:
-        import subprocess
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
-        git = "unknown"
+        git = ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.backends.cpu.get_cpu_capability()})"
-    return {"git": git, "torch": str(torch.__version__), "device": str(name)}
+    return {"git": git or "unknown", "torch": str(torch.__version__), "device": str(name)}
 
 
 def cpu_has_bf16() -> bool:
-    """bf16 autocast pays on CPUs with native bf16 (avx512_bf16 / amx: 1.5x faster here) and is
-    ~15x slower where it is emulated, so 'auto' uses it only when the flag is there."""
+    """bf16 autocast pays on CPUs with native bf16 (avx512_bf16 / amx: 1.5x faster here) and is ~15x slower
+    where it is emulated, so 'auto' uses it only when the flag is there."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        return any(f in open("/proc/cpuinfo").read() for f in ("avx512_bf16", "amx_bf16"))
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cpu_threads(local_ranks: int, print0):
-    """Ranks x threads beyond the cores slow every rank many-fold (measured: 2 ranks x 2 threads on 2
-    cores ran 8x slower). Unset OMP_NUM_THREADS: take cores // local ranks each; set: warn with the fix."""
+    """Ranks x threads beyond the cores slow every rank many-fold (2 ranks x 2 threads on 2 cores: 8x). Unset
+    OMP_NUM_THREADS: take cores // local ranks each; set: warn with the fix."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads, fair = torch.get_num_threads(), max(1, cores // local_ranks)
     if local_ranks * threads <= cores:
@@ -220,10 +219,9 @@ def main(cfg: dict):
     dt = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device.type == "cuda" or cpu_has_bf16() else "float32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
     torch.manual_seed(cfg["seed"])
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-    for b, name in ((cfg["batch_2d"], "batch_2d"), (cfg["batch_3d"], "batch_3d")):
-        assert b % world == 0, f"{name}={b} must be divisible by the world size {world}"
+    torch.use_deterministic_algorithms(cfg["deterministic"])
+    for name in ("batch_2d", "batch_3d"):
+        assert cfg[name] % world == 0, f"{name}={cfg[name]} must be divisible by the world size {world}"
     b2d, b3d = cfg["batch_2d"] // world, cfg["batch_3d"] // world  # this rank's share
 
     # --- model, and the checkpoint it starts from: loaded and matched to the config BEFORE any data is made or
@@ -326,7 +324,7 @@ def main(cfg: dict):
         opt.zero_grad(set_to_none=True)
         step += 1
         steps_acc += 1
-        if pbar:
+        if master:
             pbar.update(1)
         if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
             counts = torch.tensor([tok_acc, views_acc, skipped], dtype=torch.float64)
@@ -342,7 +340,7 @@ def main(cfg: dict):
                     f"lr {lr:.2e} | gnorm {float(gnorm):.3f} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
                     f"{rec['views_s']:.0f} views/s | {rec['step_ms']:.0f} ms | mem {mem:.2f} GiB"
                     + (f" | skipped {rec['skipped']} bad samples so far" if rec["skipped"] else ""))
-            if pbar:
+            if master:
                 pbar.write(line)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -353,10 +351,9 @@ def main(cfg: dict):
                              "world_size": world, "rng": {"torch": torch.get_rng_state()}, "run": info}, ckpt_path)
             if cfg["ckpt_keep"]:
                 shutil.copyfile(ckpt_path, os.path.join(cfg["out_dir"], f"ckpt_{step}.pt"))
-    if pbar:
+    if master:
         pbar.close()
-    print0(f"done: checkpoint {ckpt_path} (step {step})")
-    print0(f"next: python probe.py --ckpt={ckpt_path}")
+    print0(f"done: checkpoint {ckpt_path} (step {step})\nnext: python probe.py --ckpt={ckpt_path}")
     if ddp:
         del model  # the DDP wrapper must go before its process group (else exit can hang or abort)
         dist.destroy_process_group()
@@ -366,9 +363,7 @@ def main(cfg: dict):
 def supervised_loss(logits, labels):
     """Baseline: BCE over the 5 findings on each global view, NaN labels masked. logits (Vg, b, 5), labels
     (b, 5). Returns (loss, pred=0, bce), to share the logging."""
-    known = ~torch.isnan(labels)
-    y = torch.nan_to_num(labels).expand_as(logits)
-    mask = known.expand_as(logits).float()
+    y, mask = torch.nan_to_num(labels).expand_as(logits), (~torch.isnan(labels)).expand_as(logits).float()
     bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * mask).sum() / mask.sum().clamp(min=1)
     return bce, torch.zeros_like(bce), bce
 
@@ -376,8 +371,7 @@ def supervised_loss(logits, labels):
 def load_weights(module: nn.Module, state: dict, path: str, what: str):
     """load_state_dict with a message that lists mismatched keys and shapes."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:

@@ -1,12 +1,7 @@
 """
-LeJEPA's views (paper 2.2, 2.4): V_g global + V_l local crops of each sample and their per-view
-intensity augmentation, in two halves that run in different places.
-
-    MultiCrop(...)(image, rng)   in a loader worker: patch-snapped crops, native resolution (no resize),
-                                 and each view's augmentation parameters (contrast, brightness, noise)
-    augment(packed, aug)         on the device: those parameters applied to the packed int8 views
-
-The choices (scale, aspect, zoom, why no flips) and their tests are described in DATA.md, "Views".
+LeJEPA's views (paper 2.2, 2.4): V_g global + V_l local crops of a sample and their per-view intensity
+augmentation, drawn in a loader worker by MultiCrop(...)(image, rng) and applied on the device by
+augment(packed, aug) to the packed int8 crops. The choices and their tests: DATA.md, "Views".
 """
 
 import dataclasses
@@ -31,15 +26,11 @@ def noise_table(device) -> torch.Tensor:
 
 
 class MultiCrop:
-    """V_g global + V_l local crops of one image (1, H, W) or volume (1, Z, H, W), global views first;
-    the d = 2 or 3 spatial axes are treated alike. A view covers a fraction of the image's area or volume
-    drawn from `scale`, each axis stretched by exp(u_k) (stretches multiplying to 1, so any two sides keep
-    the image's ratio within `aspect`), sides snapped to whole patches; a draw whose snapped scale leaves
-    the range is redrawn (up to `tries`, then the closest is kept). No resize: the token count varies.
-    Drawn PER VIEW, so crop-invariance cannot reward them: contrast x(1 +- contrast) about the view's mean,
-    brightness +- brightness, noise sd ~ U(0, noise) (in CT units 0.1 is 125 HU), applied by augment();
-    zoom (off by default): the view shows a region of its size / z, z ~ exp(U(log zoom)), resampled.
-    No flips (chest anatomy is lateralised: a flipped chest is dextrocardia) and no rotations."""
+    """V_g global + V_l local crops of an image (1, H, W) or volume (1, Z, H, W), global first, 2D and 3D alike:
+    a `scale` fraction of the area or volume, sides stretched within `aspect` and snapped to whole patches
+    (redrawn up to `tries` times if that leaves the range), no resize. Drawn PER VIEW, so crop-invariance
+    cannot reward them: contrast, brightness, noise (applied by augment) and zoom (off by default: a region
+    of size / z resampled). No flips: chest anatomy is lateralised (a flipped chest is dextrocardia)."""
 
     def __init__(self, n_global=2, n_local=8, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
                  aspect=(3 / 4, 4 / 3), patch=PATCH, brightness=0.1, contrast=0.2, noise=0.02, zoom=(1.0, 1.0),
@@ -71,10 +62,8 @@ class MultiCrop:
         return tuple(k * p for k in best[1])
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator):
-        """(crops, aug) of the views of image, all drawn from rng. crops[v]: (1, h, w) or (1, z, h, w), a
-        sub-block of image in its own dtype (int8 q = 127 x from ShardDataset.read, or float), float32 in
-        [-1, 1] when zoom resamples; aug: (V, 4) float64 rows (contrast c, brightness b, noise sd, noise
-        row) for augment()."""
+        """(crops, aug) drawn from rng: crops[v] a sub-block of image in its dtype (int8 or float; float32 if
+        zoom resamples), aug (V, 4) float64 rows (contrast c, brightness b, noise sd, noise row) for augment."""
         spatial = image.shape[1:]  # (H, W) or (Z, H, W)
         zoom = self.log_zoom[1] > self.log_zoom[0]
         if zoom and image.dtype == np.int8:
@@ -100,12 +89,10 @@ class MultiCrop:
 
 @torch.no_grad()
 def augment(packed: Packed, aug: torch.Tensor) -> Packed:
-    """MultiCrop's intensity augmentation, applied to packed views where they are: the same code on CPU
-    and CUDA tensors (tested equal), a few batched ops however many views. Patches (int8 q = 127 x, or
-    float x) -> float32 clip(c x + (1 - c) mean_v(x) + b + sd * noise, -1, 1), (c, b, sd, row) = aug[v].
-    A view's noise is its tokens' rows of the fixed table seen as (rows, voxels of a patch), from `row`
-    on (wrapping), in patch order: i.i.d. normals, unrelated between views, one gather per batch;
-    drawing fresh normals cost 14 ms per 3D view on a CPU. Pass aug on the host: it is checked there."""
+    """Patches (int8 q = 127 x, or float x) -> float32 clip(c x + (1 - c) mean_v(x) + b + sd * noise, -1, 1),
+    (c, b, sd, row) = aug[v], wherever the packed views are (CPU and CUDA tested equal), in a few batched ops.
+    A view's noise: its tokens' rows of the fixed table as (rows, voxels of a patch), from `row` on (wrapping),
+    one gather per batch (fresh normals cost 14 ms per 3D view on a CPU). Pass aug on the host."""
     dev, N, noisy = packed.coords.device, packed.num_views, bool((aug[:, 2] > 0).any())
     c, b, sd, row = aug.to(dev, torch.float64, non_blocking=True).unbind(1)  # (N,) each
     pos = torch.arange(packed.num_tokens, device=dev) - packed.cu_seqlens[:-1].long()[packed.view_ids]  # (S,) in its view
