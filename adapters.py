@@ -1,11 +1,8 @@
 """
-Real data sets (paper 2.4.1): the label schema LABELS, and for each data set (or any folder of
-radiographs or CT) records from its files and CSVs; `python data.py <name>` sends them with a loader
-of readers.py through data.preprocess_records. Layouts, labels, splits and pitfalls: DATA.md, "Real data".
-
-    records_<name>(root, ...) -> dicts: id, patient_id, study_id, split ('train'|'val'|'test'), labels
-        (float32[5] in LABELS order, NaN unknown), modality ('2d'|'3d'), path, and what the loader needs;
-        a record with an 'error' (e.g. no label row) is refused by the loader, so the report counts it
+Real data sets (paper 2.4.1): the label schema LABELS, and for each data set (or any folder of radiographs
+or CT) its records: dicts of id, patient_id, study_id, split, labels (float32[5] in LABELS order, NaN
+unknown), modality ('2d'|'3d'), path and loader keys (an 'error' makes the loader refuse it), which
+`python data.py <name>` loads with readers.py. Layouts, labels, splits, pitfalls: DATA.md, "Real data".
 """
 
 import csv

@@ -1,21 +1,11 @@
 """
-Measure the efficiency claim of paper section 2.1.2 (packing removes padding overhead) and where time
-goes, on this device, in one run; medians over repetitions after a warm-up. The last line printed is
-one JSON object with every figure.
+Measure the efficiency claim of paper section 2.1.2 (packing removes padding overhead) and where time goes,
+on this device (medians after a warm-up): 1. a LeJEPA step packed vs padded to the longest view (FLOPs and
+time ratios), 2. scaling with the batch and each part's share, 3. loader views/s per worker, 4. CUDA: model
+vs matmul TFLOP/s, 5. the host at the paper's per-rank share. The last line printed is one JSON of it all.
 
     python bench.py                      # CPU: tiny preset, ~2 minutes
     python bench.py --preset=small       # CUDA: also model TFLOP/s vs the device's matmul TFLOP/s
-
-1. packed vs padded: one full LeJEPA training step on a realistic mixed batch (3 2D : 1 3D samples, 10
-   views each, from the real loader on phantom shards), packed through the project's attention path or
-   padded to the longest view with a key-padding mask; ideal_ratio = FLOPs(padded) / FLOPs(packed),
-   speedup = time(padded) / time(packed), efficiency = speedup / ideal_ratio.
-2. scaling: step time and peak memory at 1x, 2x, 4x the batch, and the share of the step spent in patch
-   embedding, attention, MLP, SIGReg and the optimizer.
-3. loader: views per second per DataLoader worker, 2D and 3D.
-4. CUDA only: model TFLOP/s for 'small' and 'base' in bf16 next to a large bf16 matmul.
-5. host, at the paper's per-rank share: the training process's time from a batch to the device, one
-   worker's time per batch, the bytes moved, and the workers per GPU that keep up with a gpu_step_ms step.
 """
 
 import json
@@ -114,11 +104,6 @@ def reference_batch(ds2d, ds3d, n2d, n3d, crop, seed, dev):
     return views.augment(b["packed"].to(dev), b["aug"]), b["views_per_sample"]
 
 
-def packed_bytes(p) -> int:
-    """Bytes of a Packed's tensors: what .to(device) moves."""
-    return sum(t.nbytes for t in [*vars(p).values(), *p.groups[:2]] if isinstance(t, torch.Tensor))
-
-
 def host(cfg, dev, sync) -> dict:
     """5. The host at the paper's per-rank share (2 GPUs: 96 2D + 32 3D samples, 10 views) on synthetic int8
     images at paper sizes in real shards: a worker building steps back to back (host_worker_ms); with the
@@ -146,7 +131,7 @@ def host(cfg, dev, sync) -> dict:
             c = time.thread_time()
             loader.dataset[100 + s]
             cpu_w.append(time.thread_time() - c)
-        recv, main, cpu, prep, nbytes, b = [], [], [], [], [], None
+        t = []  # per batch: times (s) received, received CPU, on the device, its CPU, augmented; bytes moved
         for _ in range(cfg["reps"]):
             time.sleep(2.5 * worker)  # the next batch is ready, as in a loop that keeps up
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -154,21 +139,18 @@ def host(cfg, dev, sync) -> dict:
             t1, c1 = time.perf_counter(), time.thread_time()
             micro = [(pk.to(dev, non_blocking=True), aug)  # augment() moves aug (checked on the host)
                      for pk, aug, _ in data.micro_batches(b, len(b["micro"]))]
-            recv.append((t1 - t0, c1 - c0))
-            main.append(time.perf_counter() - t1)
-            cpu.append(time.thread_time() - c1)
-            t = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             for pk, aug in micro:
                 views.augment(pk, aug)
             sync()
-            prep.append(time.perf_counter() - t)
-            nbytes.append(sum(packed_bytes(pk) + aug.nbytes for pk, aug in micro))
+            t.append((t1 - t0, c1 - c0, t2 - t1, c2 - c1, time.perf_counter() - t2,
+                      sum(t.nbytes for pk, aug in micro for t in [*vars(pk).values(), *pk.groups[:2], aug]
+                          if isinstance(t, torch.Tensor))))  # bytes .to(device) moves
         tokens = sum(pk.num_tokens for pk, _ in micro)
-    out = dict(host_main_ms=1e3 * statistics.median(main), host_main_cpu_ms=1e3 * statistics.median(cpu),
-               host_receive_ms=1e3 * statistics.median(r[0] for r in recv),
-               host_receive_cpu_ms=1e3 * statistics.median(r[1] for r in recv),
-               host_worker_ms=1e3 * worker, host_worker_cpu_ms=1e3 * statistics.median(cpu_w),
-               host_bytes=statistics.median(nbytes), host_device_prep_ms=1e3 * statistics.median(prep),
+    recv, recv_cpu, main, main_cpu, prep, nbytes = (statistics.median(col) for col in zip(*t))
+    out = dict(host_main_ms=1e3 * main, host_main_cpu_ms=1e3 * main_cpu, host_receive_ms=1e3 * recv,
+               host_receive_cpu_ms=1e3 * recv_cpu, host_worker_ms=1e3 * worker,
+               host_worker_cpu_ms=1e3 * statistics.median(cpu_w), host_bytes=nbytes, host_device_prep_ms=1e3 * prep,
                host_gpu_step_ms=cfg["gpu_step_ms"], host_micro_batches=len(micro), host_tokens=tokens,
                host_workers_per_gpu=math.ceil(1e3 * worker / cfg["gpu_step_ms"]), load_avg=os.getloadavg()[0])
     print(f"\n5. host at the paper's per-rank share: {cfg['host_2d']} 2D (224x182) + {cfg['host_3d']} 3D (84x112x98) "

@@ -5,9 +5,7 @@ Probe macro AUROC against training step: the README's learning-curve figure.
     torchrun --standalone --nproc_per_node 2 train.py --objective=supervised --out_dir=out/sup --ckpt_keep=True --ckpt_interval=150
     python curve.py out out/sup        # -> assets/learning_curve.png and out/curve.json
 
-Each run folder's ckpt_<step>.pt files (train.py --ckpt_keep=True) go through probe.main with the
-own-modality probes only (LP data 2d and 3d), exactly the protocol of the table; step 0 is the
-random-init encoder of the first run (the same weights every run from that seed starts from).
+Each ckpt_<step>.pt goes through probe.main, own-modality probes; step 0 is the first run's random init.
 """
 
 import glob
@@ -21,8 +19,7 @@ import probe
 
 def curve(run_dir: str, random_init: bool) -> dict:
     """{encoder: {test_set: [(step, macro, ci_low, ci_high)]}} for one run folder."""
-    out = {}
-    ckpts = sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")), key=lambda p: int(re.findall(r"\d+", p)[-1]))
+    out, ckpts = {}, sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")), key=lambda p: int(re.findall(r"\d+", p)[-1]))
     if not ckpts:
         raise FileNotFoundError(f"{run_dir}: no ckpt_<step>.pt; train with --ckpt_keep=True")
     for i, path in enumerate(ckpts):

@@ -1,16 +1,13 @@
 """
 Data (paper 2.3, 2.4): records and raw images (adapters.py, readers.py, phantom.py) -> preprocessed HDF5
-shards -> the mixed 2D/3D stream of cropped, packed steps. Shard layout, measurements, pitfalls: DATA.md.
+shards -> the mixed 2D/3D stream of cropped, packed steps. Formats, measurements, pitfalls: DATA.md.
 
-    preprocess_xray / preprocess_ct     raw image -> float32 (1, H, W) / (1, Z, H, W) in [-1, 1]
     preprocess_records(records, load_fn, out_dir, prefix)   parallel load + preprocess -> shards + report.json
     make_phantom(out_dir), ensure_phantom(data_dir)         the phantom world, through that same path
     ShardDataset(path_or_glob, split, modality)             lazy reader, item = dict(image, labels, ...)
-    make_loader(ds2d, ds3d, b2d, b3d, ...)  the stream: a DataLoader worker reads int8 samples, crops them
-                                        (views.MultiCrop), cuts micro-batches under token_budget and packs
-                                        the step into shared memory; the training process only moves it
-    micro_batches(batch, n)             a step's micro-batches, as views (cut finer to n if asked)
-    iterate_whole(ds, token_budget)     one pass over a split, whole images, packed, for the linear probe
+    make_loader(ds2d, ds3d, b2d, b3d, ...)   the stream: a DataLoader worker reads int8 samples, crops them
+        (views.MultiCrop), cuts micro-batches under token_budget and packs the step into shared memory
+    iterate_whole(ds, token_budget)          one pass over a split, whole images, packed, for the linear probe
 
 Usage: python data.py <name> --root R --out O [--workers N]     (python data.py phantom --out data/phantom)
 """
@@ -300,16 +297,6 @@ def _records_sha(recs, load_fn, long_side) -> str:
     return h.hexdigest()
 
 
-def _finished(path, sha):
-    """(failures, samples) of a finished shard built from the same records, else None (rebuild it)."""
-    try:
-        with _open_shard(path) as h:
-            if h.attrs.get('records_sha') == sha:
-                return json.loads(h.attrs['failures']), len(h['offset']) - 1
-    except ShardError:  # missing, or unreadable
-        return None
-
-
 def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=None, workers=None,
                        long_side=None, command=None) -> dict:
     """Records (as adapters.py makes them) loaded by load_fn (picklable: raw 2D (H, W) or 3D (hu, spacing_zyx),
@@ -337,20 +324,26 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
     rep = dict(command=command, written=0, skipped=0, failed=0, shards_written=0, shards_skipped=0, failures=[])
     todo = []
     for path, rs in plan:
-        sha = _records_sha(rs, load_fn, long_side)
-        done = _finished(path, sha)
+        sha, done = _records_sha(rs, load_fn, long_side), None
+        try:  # a finished shard of the same records is skipped
+            with _open_shard(path) as h:
+                if h.attrs.get('records_sha') == sha:
+                    done = json.loads(h.attrs['failures']), len(h['offset']) - 1
+        except ShardError:  # missing or unreadable: (re)build it
+            pass
         if done is None:
             todo.append((path, rs, sha))
         else:  # earlier failures stay in the report: those samples are still missing
+            rep['failures'] += done[0]
             rep['skipped'] += done[1]
             rep['shards_skipped'] += 1
-            rep['failures'] += done[0]
     planned = {os.path.basename(p) for p, _ in plan}
     rep['stale'] = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, f"{prefix}_*.h5"))
                           if os.path.basename(p) not in planned)
     flat = [r for _, rs, _ in todo for r in rs]
     # "complete": false until the last shard is written: readers refuse what a killed run left (check_complete)
-    _save_report(out_dir, prefix, dict(command=command, complete=False))
+    report = os.path.join(out_dir, 'report.json')
+    _write_json(report, dict(_read_report(out_dir), **{prefix: dict(command=command, complete=False)}))
     work = partial(_prepare_one, load_fn, long_side)
     workers = min(workers or os.cpu_count() or 1, max(len(flat), 1))
     # spawn, not fork: the parent may hold torch/OpenMP threads, and a forked child of those can hang
@@ -377,12 +370,12 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
             pool.close()
             pool.join()
     rep['failed'], rep['complete'] = len(rep['failures']), True
-    _save_report(out_dir, prefix, rep)
+    _write_json(report, dict(_read_report(out_dir), **{prefix: rep}))
     print(f"{prefix}: written {rep['written']} | skipped {rep['skipped']} (finished shards) | failed {rep['failed']}"
           f" | shards {rep['shards_written']} written, {rep['shards_skipped']} skipped -> {out_dir}",
           *(f"  failed {f['file']}: {f['reason']}" for f in rep['failures'][:20]), sep="\n")
     if rep['failed'] > 20:
-        print(f"  ... {rep['failed'] - 20} more in {os.path.join(out_dir, 'report.json')}")
+        print(f"  ... {rep['failed'] - 20} more in {report}")
     if rep['stale']:
         print(f"  warning: {len(rep['stale'])} shard(s) of '{prefix}' in {out_dir} are not from these records "
               f"(e.g. {rep['stale'][0]}); ShardDataset would read them too: delete them")
@@ -390,10 +383,6 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
         raise RuntimeError(f"{prefix}: all {len(flat)} records failed, nothing written (first: "
                            f"{rep['failures'][-len(flat)]['file']}: {rep['failures'][-len(flat)]['reason']})")
     return rep
-
-
-def _save_report(out_dir, prefix, rep):
-    _write_json(os.path.join(out_dir, 'report.json'), dict(_read_report(out_dir), **{prefix: rep}))
 
 
 class ShardDataset(torch.utils.data.Dataset):

@@ -14,27 +14,20 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
-# Quadrature of the Epps-Pulley integral, even in t, so on t in [0, T_MAX] only. T_MAX = 5: the window
-# exp(-t^2/2) leaves at most 6e-6 * N beyond +-5. The trapezoid rule on a Gaussian-windowed integrand is
-# exact up to aliasing ~exp(-(2*pi/h - |x_j - x_k|)^2 / 2), so a coarse grid fails on WIDE inputs:
-# LeJEPA's listing (17 knots on [-5, 5]) is off by ~11% on 3*N(0,1), 65 knots (h = 0.078) by < 1e-4
-# up to 10*N(0,1) (against the closed form). Cost and memory are linear in N_KNOTS.
+# Trapezoid quadrature of the (even) Epps-Pulley integrand on [0, T_MAX]: 65 knots are exact to 1e-4 up to
+# 10*N(0,1), where LeJEPA's 17 are off by 11% on 3*N(0,1) (README, "The loss")
 T_MAX = 5.0
 N_KNOTS = 65
 NUM_SLICES = 1024  # random directions per SIGReg evaluation (LeJEPA's recommendation)
 
-# L_pred is the MEAN over feature dims of (mu - z_v)^2, as the official LeJEPA code, not the paper's
-# squared L2 norm (K = 128 times larger): LeJEPA's lambdas (0.02-0.05), the paper's 0.025, go with it.
-# lambda and the batch: EP = N * integral grows with the N samples of one evaluation (global over ranks,
-# per micro-batch), L_pred does not, so lam/(1-lam) * N sets the balance: the paper's 0.025 at N = 256
-# gives 6.56, kept at N = 128 by lam 0.049, at 64 by 0.093, at 32 by 0.170, at 16 by 0.291.
+# L_pred is the MEAN over feature dims, as the official LeJEPA code (its lambdas go with it); SIGReg grows
+# with the N samples of one evaluation, so lam/(1-lam) * N sets the balance (README, "The loss")
 LAM = 0.025
 
 
 class _CosSinSums(torch.autograd.Function):
-    """For x (M, N) and knots t (T,): sum_j cos(t x_j) and sum_j sin(t x_j) per column -> (2, M, T). The
-    backward (d/dx cos(tx) = -t sin(tx), d/dx sin(tx) = t cos(tx)) reuses the forward's cos and sin in two
-    batched matmuls; plain autograd recomputes both, about 2x slower (tested against finite differences)."""
+    """sum_j cos(t x_j) and sum_j sin(t x_j) per column of x (M, N) at knots t (T,) -> (2, M, T); the backward
+    reuses the forward's cos and sin in two batched matmuls (plain autograd recomputes them: 2x slower)."""
 
     @staticmethod
     def forward(ctx, x, t):
@@ -129,8 +122,7 @@ def lejepa_loss(z: torch.Tensor, n_global: int = 2, lam: float = LAM, num_slices
 
 
 class Projector(nn.Module):
-    """(Linear -> LayerNorm -> ReLU) x 2 -> Linear, as LeJEPA's minimal example but with LayerNorm: BatchNorm's
-    per-rank statistics would make a sample's output depend on its rank and micro-batch mates. Linear out."""
+    """(Linear -> LayerNorm -> ReLU) x 2 -> Linear: LeJEPA's minimal example with LayerNorm for BatchNorm."""
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128):
         super().__init__()

@@ -6,9 +6,7 @@ SparseMedicalViT: one vision transformer for 2D radiographs and 3D CT (paper sec
       -> patch embedding: one linear map of the P^3 patch; a 2D image is a depth-1 pseudo-volume
       -> depth x pre-norm Block(attention with 3D RoPE on q and k, MLP)              (rope3d.py)
       -> final LayerNorm -> mean over each view's tokens -> (N, dim), one embedding per view
-
-"Sparse" (paper): the shared 3D coordinate space is partly occupied, a radiograph filling the plane
-z = 0 and a CT a volume; nothing in the network knows which modality a token came from.
+"Sparse": a radiograph fills the plane z = 0 of the shared 3D coordinate space, a CT a volume.
 
 Usage: SparseMedicalViT(ModelConfig(**PRESETS['small']))([xray_224x196, ct_56x112x98])  -> (2, 384)
 """
@@ -44,8 +42,7 @@ PRESETS = {
 
 
 class PatchEmbed(nn.Module):
-    """Linear projection of cubic P^3 patches. A 2D view is a pseudo-volume zero-padded along depth with the
-    image in slice 0, which only weight slice [:, :, 0] meets: 2D patches are projected with it alone."""
+    """Linear projection of cubic P^3 patches; 2D patches with the one weight slice their image meets (README)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -148,8 +145,7 @@ class SparseMedicalViT(nn.Module):
     def forward(self, views_or_packed) -> torch.Tensor:
         """One embedding per view, in input order: (N, dim)."""
         x, packed = self.forward_tokens(views_or_packed)
-        # Pooling (the paper does not say): the mean of the view's tokens needs no CLS token, which has no
-        # place in the 3D RoPE grid, and keeps a view's embedding independent of what is packed with it.
+        # the mean of the view's tokens: a CLS token has no place in the 3D RoPE grid (README, pooling)
         return pool_views(x, packed)
 
     def describe(self, device, dtype) -> str:

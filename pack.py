@@ -1,14 +1,11 @@
 """
-Sequence packing and variable-length attention (paper section 2.1.2). Views of any sizes (2D [C, H, W],
-3D [C, Z, H, W]) are never padded to one shape: all their P^3 patches form ONE token sequence, cu_seqlens
-marks where each view starts, and attention stays inside each view (flash-attn's varlen kernel on CUDA,
-an exact per-view SDPA loop elsewhere). A 2D view is a pseudo-volume of depth 1; its patches stay P^2
-vectors, which model.py projects with the one depth slice of the P^3 weight that meets the image.
+Sequence packing and variable-length attention (paper section 2.1.2): views of any sizes are never padded
+to one shape; all their P^3 patches form ONE token sequence, cu_seqlens marks where each view starts, and
+attention stays inside each view (flash-attn's varlen kernel on CUDA, an exact per-view SDPA loop elsewhere).
+A 2D view's patches stay P^2 vectors (a depth-1 pseudo-volume: model.py projects them with one weight slice).
 
     pack_views(views) -> Packed        patches, (S, 3) RoPE coordinates, cu_seqlens, view ids, length groups
     pack_arrays(arrays, share=...)     the same for numpy views (int8 crops in a loader worker), one copy each
-    varlen_attention(q, k, v, ...)     non-causal attention within each view, q/k/v of shape (S, H, Dh)
-    pool_views(x, packed), split_views(x, packed)   per-view mean of token features, or per-view tensors
 """
 
 import math
@@ -102,7 +99,7 @@ def grid_of(shape, patch: int) -> tuple:
 
 
 def check_view(i: int, v, patch: int, in_chans: int):
-    """Raise a ValueError naming view i and its shape if it cannot be packed. Returns (gz, gh, gw)."""
+    """Raise a ValueError naming view i and its shape if it cannot be packed."""
     if not isinstance(v, torch.Tensor):
         raise ValueError(f"view {i}: expected a torch.Tensor, got {type(v).__name__}")
     shape = tuple(v.shape)
@@ -117,7 +114,6 @@ def check_view(i: int, v, patch: int, in_chans: int):
     if min(spatial) < 1 or h % patch or w % patch or (z != 1 and z % patch):
         raise ValueError(f"view {i} has shape {shape}: spatial sizes must be positive multiples of the "
                          f"patch size {patch} (a depth of 1 means 2D); crop or resize it first")
-    return grid_of(shape, patch)
 
 
 def pack_views(views, patch: int = PATCH, in_chans: int = 1, alpha: float = 128.0) -> Packed:
@@ -131,12 +127,6 @@ def pack_views(views, patch: int = PATCH, in_chans: int = 1, alpha: float = 128.
     return pack_arrays([v.detach().float().cpu().numpy() for v in views], patch, alpha)
 
 
-def _empty(n: int, k: int, dtype, share: bool) -> torch.Tensor:
-    """(n, k) tensor, in shared memory if `share` (as DataLoader's default_collate does in a worker)."""
-    t = torch.empty(0, dtype=dtype)
-    return t.new(t._typed_storage()._new_shared(n * k)).view(n, k) if share else torch.empty(n, k, dtype=dtype)
-
-
 def pack_arrays(views, patch: int = PATCH, alpha: float = 128.0, share: bool = False) -> Packed:
     """pack_views for numpy views of valid shapes, all float32 or all int8 (q = 127 x, as a loader worker ships
     them), each copied once into its rows of the patch buffers, in shared memory if share (no copy to hand over)."""
@@ -146,7 +136,9 @@ def pack_arrays(views, patch: int = PATCH, alpha: float = 128.0, share: bool = F
     flat = [v.ndim == 3 or v.shape[1] == 1 for v in views]  # 2D views
     seqlens = [math.prod(g) for g in grids]
     n2 = sum(n for n, f in zip(seqlens, flat) if f)
-    p2, p3 = _empty(n2, C * patch ** 2, dtype, share), _empty(sum(seqlens) - n2, C * patch ** 3, dtype, share)
+    t = torch.empty(0, dtype=dtype)  # (n, k) buffers in shared memory if share, as DataLoader's default_collate
+    empty = lambda n, k: t.new(t._typed_storage()._new_shared(n * k)).view(n, k) if share else torch.empty(n, k, dtype=dtype)
+    p2, p3 = empty(n2, C * patch ** 2), empty(sum(seqlens) - n2, C * patch ** 3)
     b2, b3, o2, o3, P = p2.numpy(), p3.numpy(), 0, 0, patch
     for v, (gz, gh, gw), f, n in zip(views, grids, flat, seqlens):  # rows ordered z, h, w (like grid_coords)
         if f:
@@ -190,11 +182,6 @@ def pool_views(x: torch.Tensor, packed: Packed) -> torch.Tensor:
     return sums / counts
 
 
-def split_views(x: torch.Tensor, packed: Packed):
-    """A packed (S, ...) tensor -> list of N per-view tensors (views, not copies)."""
-    return list(torch.split(x, packed.seqlens))
-
-
 # -----------------------------------------------------------------------------
 # attention within each view
 
@@ -215,10 +202,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, groups=None):
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=False)
     if path.startswith("torch.nn"):
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-    # Exact path: gather the views of each distinct length L into one (n, H, L, Dh) batch, one SDPA
-    # call per length, scatter back. Only the needed FLOPs, few calls (README efficiency notes).
-    # One index_select each way (its backward is a single index_add, O(S)); slicing q[a:b] per view
-    # would make the backward O(views x tokens). 4-D inputs: 3-D ones fall back to SDPA's slow math kernel.
+    # Exact path: the views of each length L gathered into one (n, H, L, Dh) batch, one SDPA call each, by one
+    # index_select each way (slices per view would make the backward O(views x tokens); RESULTS.md)
     perm, inv, shapes = groups if groups is not None else length_groups(cu_seqlens.diff().tolist())
     S, H, Dh = q.shape
     sizes = [L * n for L, n in shapes]

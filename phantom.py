@@ -1,17 +1,12 @@
 """
-The phantom chest world: a labelled synthetic 2D + 3D data set that needs no download. It makes records
-and raw images only; data.make_phantom sends them through the real-data path into shards (python data.py
-phantom --out data/phantom; train.py, probe.py and bench.py do it on first use). Calibration: RESULTS.md.
+The phantom chest world: a labelled synthetic 2D + 3D data set that needs no download (README, "The phantom
+world"; its calibration: RESULTS.md). Records and raw images only; data.make_phantom sends them through the
+real-data path into shards (python data.py phantom --out data/phantom; the scripts do it on first use).
 
     records(seed, n2d, n3d)  -> one cheap dict per sample: ids, split, labels, a per-sample seed
     load(record)             -> the RAW image, synthesised from the record alone (pure, picklable)
         3d: volume(rng, findings)            -> HU volume (Z, H, W) + spacing, like a CT scan
         2d: drr(volume(rng, findings, DRR))  -> a radiograph projected through ANOTHER phantom patient
-
-Anatomy (mm): body with a fat layer, lungs above domed hemidiaphragms, heart, mediastinum, trachea,
-spine, ribs, sternum, liver, placed anywhere in a fixed field of view. The findings (paper section 3):
-ATEL volume loss plus a plate of collapsed lung, CARD an enlarged heart, CONS a dense irregular region
-with air bronchograms, LO hazy ground glass, EFF dependent fluid at a lung base. Orientation as readers.py.
 """
 
 import numpy as np

@@ -1,15 +1,11 @@
 """
 Frozen-feature evaluation (paper section 3, Tables 1-3, Figure 2): linear probes, AUROC with patient-
-bootstrap confidence intervals, the tables and the PCA figures. The protocol: README, "Evaluation".
+bootstrap confidence intervals, the tables and the PCA figures; the protocol: README, "Evaluation".
 
     python probe.py --ckpt=out/ckpt.pt                      # phantom world (train.py's default data)
     python probe.py --ckpt=out/stage3/ckpt.pt --supervised=out/supervised/ckpt.pt --external_dir=data/external
 
-The checkpoint, the same architecture at random init (seeded as train.py seeds) and the supervised
-baseline, each through its backbone embedding of every WHOLE sample (features cached next to the
-checkpoint); a logistic regression per finding, C by validation AUROC, fit on the pretraining data's
-train split (LP data 2d, 3d, all: Table 3) or an external set's own (Table 2); 95% CIs over test
-PATIENTS. Test sets: each (shard prefix, modality) with a test split in data_dir and external_dir.
+Test sets: each (shard prefix, modality) with a test split in data_dir (internal) and external_dir.
 """
 
 import glob
@@ -114,22 +110,18 @@ def fit_probe(xtr, ytr, xva, yva, Cs=Cs, max_iter=max_iter):
     scaler = StandardScaler().fit(xtr)
     ztr, zva = scaler.transform(xtr), scaler.transform(xva)
     clfs = []
-    for k in range(ytr.shape[1]):
-        tr, va = ~np.isnan(ytr[:, k]), ~np.isnan(yva[:, k])
-        if len(np.unique(ytr[tr, k])) < 2:  # no probe can be fit; its AUROC is reported as NaN
-            clfs.append(None)
-            continue
-        fits, scores = [], []
-        for C in Cs:
-            # one BLAS thread: multi-threaded on these small matrices was 5-25x slower (README, Cost);
-            # warnings: lbfgs hitting max_iter at large C, which the val score judges
-            with threadpool_limits(1), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                clf = LogisticRegression(C=C, max_iter=max_iter).fit(ztr[tr], ytr[tr, k])
-            fits.append(clf)
-            scores.append(auroc(yva[va, k], clf.decision_function(zva[va])))
-        scores = np.array(scores)
-        clfs.append(fits[int(np.nanargmax(scores)) if np.isfinite(scores).any() else len(Cs) // 2])
+    # one BLAS thread: multi-threaded on these small matrices was 5-25x slower (README, Cost); warnings:
+    # lbfgs hitting max_iter at large C, which the val score judges
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(ytr.shape[1]):
+            tr, va = ~np.isnan(ytr[:, k]), ~np.isnan(yva[:, k])
+            if len(np.unique(ytr[tr, k])) < 2:  # no probe can be fit; its AUROC is reported as NaN
+                clfs.append(None)
+                continue
+            fits = [LogisticRegression(C=C, max_iter=max_iter).fit(ztr[tr], ytr[tr, k]) for C in Cs]
+            scores = np.array([auroc(yva[va, k], clf.decision_function(zva[va])) for clf in fits])
+            clfs.append(fits[int(np.nanargmax(scores)) if np.isfinite(scores).any() else len(Cs) // 2])
     return scaler, clfs
 
 
@@ -140,13 +132,9 @@ def predict(probe, x):
     return np.stack([c.decision_function(z) if c is not None else np.full(len(x), np.nan) for c in clfs], 1)
 
 
-def clean(v):
-    """JSON-ready number: NaN (undefined AUROC) becomes null."""
-    return None if v is None or not np.isfinite(v) else round(float(v), 4)
-
-
 def score_row(test_set, lp, encoder, y, s, patients, n_train, labels, n_boot, seed):
     """One result row: per-finding AUROC, macro (mean over findings with both classes) and its CI."""
+    clean = lambda v: None if v is None or not np.isfinite(v) else round(float(v), 4)  # JSON: NaN -> null
     aucs = [auroc(y[:, k], s[:, k]) for k in range(y.shape[1])]
     lo, hi = bootstrap_ci(y, s, patients, n_boot, seed)
     return dict(test_set=test_set, lp_data=lp, encoder=encoder, auroc={l: clean(a) for l, a in zip(labels, aucs)},
@@ -217,16 +205,6 @@ def cached(cache_path: str, encoder: str, ckpt_tag: str, key: str, compute) -> d
             g.create_dataset(k, data=v.astype(object) if v.dtype.kind == "U" else v,
                              dtype=h5py.string_dtype() if v.dtype.kind == "U" else None)
     return feats
-
-
-def load_encoder(path: str):
-    """(model, checkpoint dict) from a train.py checkpoint; the encoder weights only."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found: train one (python train.py) or pass --ckpt=PATH")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    model = SparseMedicalViT(ModelConfig(**ck["model_cfg"]))
-    load_weights(model, ck["model"], path, "model")
-    return model, ck
 
 
 # -----------------------------------------------------------------------------
@@ -321,17 +299,14 @@ def concat(feats: list) -> dict:
     return {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
 
 
-def holdout(f: dict, frac=0.1, seed=0):
-    """(train, val) features split by PATIENT, for a set without a val split (CT-RATE: valid is the test set)."""
-    pats = np.unique(f["patient"])
-    val = np.isin(f["patient"], np.random.default_rng(seed).choice(pats, max(1, int(frac * len(pats))), replace=False))
-    return {k: v[~val] for k, v in f.items()}, {k: v[val] for k, v in f.items()}
-
-
 def load_encoders(cfg):
     """[(name, model, cache file, cache group, tag (path, step, mtime))] of each encoder, and the checkpoint."""
-    def entry(path):
-        model, ck = load_encoder(path)
+    def entry(path):  # a train.py checkpoint's encoder weights
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint {path} not found: train one (python train.py) or pass --ckpt=PATH")
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        model = SparseMedicalViT(ModelConfig(**ck["model_cfg"]))
+        load_weights(model, ck["model"], path, "model")
         tag = f"{os.path.abspath(path)}|step {ck['step']}|mtime {os.stat(path).st_mtime_ns}"
         # .hdf5, not .h5: a checkpoint kept in a shard folder must not make the cache look like a shard
         cache = os.path.join(os.path.dirname(os.path.abspath(path)), "features.hdf5")
@@ -366,11 +341,12 @@ def main(cfg: dict):
                                     f"{'/'.join(sorted(s['splits']))})" for n, s in sets.items()))
 
     # what to fit and where to test it: (LP data, train sets, test sets)
-    tests = [n for n, s in sets.items() if "test" in s["splits"]]
-    train_sets = lambda m: [n for n, s in sets.items() if not s["external"] and "train" in s["splits"] and m in ("all", s["modality"])]
-    runs = [(lp, train_sets(lp), tests) for lp in lps if train_sets(lp)]
+    tests, runs = [n for n, s in sets.items() if "test" in s["splits"]], []
     for lp in lps:
-        if not train_sets(lp):
+        names = [n for n, s in sets.items() if not s["external"] and "train" in s["splits"] and lp in ("all", s["modality"])]
+        if names:
+            runs.append((lp, names, tests))
+        else:
             print(f"LP data {lp}: no {lp} train split in {data_dir}, skipped")
     runs += [("adapt", [n], [n]) for n in tests if sets[n]["external"] and "train" in sets[n]["splits"]]  # Table 2
 
@@ -392,8 +368,10 @@ def main(cfg: dict):
             if all("val" in sets[n]["splits"] for n in names):
                 va = concat([get(e, n, "val") for n in names])
             else:
-                print(f"{names}: no val split, C chosen on 10% of the train patients held out")
-                tr, va = holdout(tr, seed=cfg["seed"])
+                print(f"{names}: no val split, C chosen on 10% of the train patients held out")  # CT-RATE
+                pats = np.unique(tr["patient"])
+                val = np.isin(tr["patient"], np.random.default_rng(cfg["seed"]).choice(pats, max(1, len(pats) // 10), replace=False))
+                tr, va = {k: v[~val] for k, v in tr.items()}, {k: v[val] for k, v in tr.items()}
             p = fit_probe(tr["x"], tr["y"], va["x"], va["y"], cfg["Cs"], cfg["max_iter"])
             for t in tsets:
                 te = get(e, t, "test")
@@ -405,12 +383,10 @@ def main(cfg: dict):
     rank = {k: i for i, k in enumerate(list(sets) + lps + ["adapt", "raw-pixels"] + [e[0] for e in encoders])}
     rows.sort(key=lambda r: (rank[r["test_set"]], rank.get(r["lp_data"], -1), rank.get(r["encoder"], -1)))
     table = format_table(rows, labels)
-    print(table)
-    with open(os.path.join(out_dir, "probe.json"), "w") as f:
+    with open(os.path.join(out_dir, "probe.json"), "w") as f, open(os.path.join(out_dir, "table.txt"), "w") as t:
         json.dump(rows, f, indent=1)
-    with open(os.path.join(out_dir, "table.txt"), "w") as f:
-        f.write(table)
-    print(f"wrote {out_dir}/probe.json and table.txt")
+        t.write(table)
+    print(f"{table}\nwrote {out_dir}/probe.json and table.txt")
     if cfg["figures"]:
         write_figures(encoders, lambda n, sp: get(encoders[0], n, sp), sets, labels, out_dir)
 
@@ -429,22 +405,14 @@ def write_figures(encoders, get, sets, labels, out_dir):
                f"{encoders[0][0]}: which principal components of the LP train features predict each finding")
     images = []  # one radiograph and one CT from the internal test sets, cardiomegaly-positive if any (Fig. 2b)
     for m in ("2d", "3d"):
-        cands = [s for s in sets.values() if s["modality"] == m and "test" in s["splits"]]
+        cands = sorted((s for s in sets.values() if s["modality"] == m and "test" in s["splits"]), key=lambda s: s["external"])
         if cands:
-            ds = data.ShardDataset(sorted(cands, key=lambda s: s["external"])[0]["splits"]["test"]["glob"])
-            pos = np.flatnonzero(ds.labels[:, labels.index("CARD")] == 1) if "CARD" in labels else []
-            images.append(ds[int(pos[0]) if len(pos) else 0]["image"])
+            ds = data.ShardDataset(cands[0]["splits"]["test"]["glob"])
+            images.append(ds[int(np.argmax(ds.labels[:, labels.index("CARD")] == 1))]["image"])
     if images:
         fig_pca_maps([(e[0], e[1]) for e in encoders], images, os.path.join(out_dir, "pca_maps.png"),
                      encoders[0][1].cfg.patch)
     print(f"wrote {os.path.join(out_dir, 'pca_lr.png')} and pca_maps.png")
-
-
-def pooled_pixels(ds, grid) -> dict:
-    """embed()'s features for raw pixels: every image of ds average-pooled to a fixed grid, one at a time."""
-    pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
-    x = [pool(torch.from_numpy(ds[i]["image"])[None], grid).flatten().numpy() for i in range(len(ds))]
-    return {"x": np.stack(x), "y": ds.labels, "patient": ds.patient_id.astype(str)}
 
 
 def floor_rows(data_dir, labels, n_boot=n_boot, seed=seed) -> list:
@@ -452,7 +420,11 @@ def floor_rows(data_dir, labels, n_boot=n_boot, seed=seed) -> list:
     print("raw-pixel floor ...")
     rows = []
     for mod, grid in FLOOR_GRID.items():
-        f = {s: pooled_pixels(data.ShardDataset(data_dir, split=s, modality=mod), grid) for s in ("train", "val", "test")}
+        pool, f = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d, {}
+        for s in ("train", "val", "test"):  # features as embed() gives them: raw pixels pooled, one image at a time
+            ds = data.ShardDataset(data_dir, split=s, modality=mod)
+            f[s] = {"x": np.stack([pool(torch.from_numpy(ds[i]["image"])[None], grid).flatten().numpy() for i in range(len(ds))]),
+                    "y": ds.labels, "patient": ds.patient_id.astype(str)}
         p = fit_probe(f["train"]["x"], f["train"]["y"], f["val"]["x"], f["val"]["y"], FLOOR_C, FLOOR_ITER)
         te = f["test"]
         rows.append(score_row(f"phantom-{mod}", mod, "raw-pixels", te["y"], predict(p, te["x"]), te["patient"],

@@ -1,11 +1,7 @@
 """
-Raw image readers, the lowest layer: PNG/JPG, DICOM files and series, NIfTI and RAD-ChestCT's npz ->
-checked float32 arrays, each record's file as adapters.py names it, or BadInput(reason), which the
-preprocessing runner skips and counts. Refused inputs and pitfalls: DATA.md, "Real data".
-
-    load_xray(rec) -> (H, W) radiograph as displayed, bright = dense (MONOCHROME1 inverted)
-    load_ct(rec), load_radchest(rec) -> (hu (Z, H, W), spacing_zyx mm), CANONICAL: Z inferior -> superior,
-        H anterior -> posterior, W patient right -> left; each format states its axes, _reorient maps them
+Raw image readers, the lowest layer: PNG/JPG, DICOM files and series, NIfTI and RAD-ChestCT's npz -> checked
+float32 arrays (load_xray: (H, W), bright = dense; load_ct, load_radchest: (hu (Z, H, W), spacing_zyx mm) in
+CANONICAL orientation), or BadInput(reason). Refused inputs, orientation, pitfalls: DATA.md, "Real data".
 Pillow, pydicom and nibabel are optional extras, imported inside the functions that need them.
 """
 

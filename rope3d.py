@@ -1,17 +1,9 @@
 """
-Normalised 3D rotary position embedding (paper section 2.1.1).
-
-Every patch token gets a position (z, h, w) on a common scale [0, alpha]^3:
-
-    coord(i) = alpha * i / max(g - 1, 1),   i = 0 .. g-1,  g in (G_Z, G_H, G_W)
-
-so a 3D grid of any shape and a 2D image (G_Z = 1, depth coordinate 0) share one space. RoPE (Su et
-al. 2024) rotates pairs of query/key dimensions by coord * freq, with n = Dh // 6 pairs per axis and
-freq_j = base^(-j/n), j = 0..n-1 (the usual 1D spectrum, once per axis). A head vector is laid out as
-    [ z-block (2n) | h-block (2n) | w-block (2n) | pass-through (Dh - 6n) ]
-with pairs (x[j], x[j+n]) in a block ("half split", as nanochat / GPT-NeoX); Dh = 64 (ViT-S/B) has 10
-pairs per axis and 4 unrotated dims. <R(p) q, R(p') k> depends on p - p' only, and a 2D image (z = 0)
-leaves the z-block unrotated. Angles and cos/sin are computed in fp32.
+Normalised 3D rotary position embedding (paper section 2.1.1). Every patch token gets a position (z, h, w)
+on one scale, coord(i) = alpha * i / max(g - 1, 1) for i < g in (G_Z, G_H, G_W), so a 3D grid of any shape
+and a 2D image (G_Z = 1, depth 0) share one space. A head vector is laid out as
+    [ z-block (2n) | h-block (2n) | w-block (2n) | pass-through (Dh - 6n) ],  n = Dh // 6,
+pairs (x[j], x[j+n]) rotated by coord * base^(-j/n) ("half split", as nanochat); angles in fp32.
 """
 
 import torch
@@ -47,9 +39,3 @@ def apply_rope_cs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     y = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=3)  # (S, H, 3, 2, n)
     out = torch.cat([y.reshape(S, H, 6 * n), rest], dim=-1)  # (S, H, Dh)
     return out.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, coords: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """x (S, H, Dh), coords (S, 3) -> x rotated by its 3D position."""
-    cos, sin = rope_cos_sin(coords, x.shape[-1], base)
-    return apply_rope_cs(x, cos, sin)

@@ -15,13 +15,16 @@ import json
 import math
 import os
 import pickle
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
 import zlib
+from dataclasses import asdict
 
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from torch.nn.parallel import DistributedDataParallel as DDP
 import h5py
@@ -36,11 +39,12 @@ from adapters import LABELS
 from data import ShardDataset, ShardError
 from lejepa import Projector, epps_pulley, lejepa_loss, random_directions, sigreg
 from model import ModelConfig, SparseMedicalViT, PRESETS
-from pack import pack_views, pool_views, split_views, varlen_attention, attention_path
+from pack import pack_views, pool_views, varlen_attention, attention_path
 from readers import BadInput
-from rope3d import grid_coords, apply_rope, rope_cos_sin
+from rope3d import grid_coords, apply_rope_cs, rope_cos_sin
 from views import MultiCrop
 import adapters as A
+import bench
 import readers as R
 import data
 import lejepa
@@ -91,6 +95,10 @@ def test_grid_coords_formula(grid):
     assert c.max() <= 128.0 + 1e-5
 
 
+def apply_rope(x, coords, base=10000.0):
+    return apply_rope_cs(x, *rope_cos_sin(coords, x.shape[-1], base))
+
+
 def naive_rope(x, coords, base):
     """Element by element, straight from the layout documented in rope3d.py."""
     S, H, Dh = x.shape
@@ -127,16 +135,11 @@ def test_rope_zero_depth_and_passthrough_unchanged():
     assert not torch.allclose(y[..., 2 * n: 6 * n], x[..., 2 * n: 6 * n])         # h, w blocks rotate
 
 
-def test_rope_preserves_norm():
+def test_rope_preserves_norm_and_is_relative():
+    """A rotation keeps norms, and <R(p) q, R(p') k> depends only on p - p': shift both by one random vector."""
     torch.manual_seed(0)
     x = torch.randn(50, 4, 48)
-    y = apply_rope(x, torch.rand(50, 3) * 128)
-    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
-
-
-def test_rope_is_relative():
-    """<R(p) q, R(p') k> depends only on p - p': shift both positions by the same random 3D vector."""
-    torch.manual_seed(0)
+    torch.testing.assert_close(apply_rope(x, torch.rand(50, 3) * 128).norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
     q, k = torch.randn(1, 2, 48, dtype=torch.float64), torch.randn(1, 2, 48, dtype=torch.float64)
     for _ in range(10):
         p, p2, d = torch.rand(1, 3) * 128, torch.rand(1, 3) * 128, (torch.rand(1, 3) - 0.5) * 256
@@ -189,11 +192,12 @@ def test_pack_metadata_for_mixed_list():
     assert pk.grids == [(1, 2, 3), (1, 1, 1), (1, 2, 1), (1, 3, 2), (2, 1, 3), (1, 4, 1), (3, 2, 2)]
     for i, (a, b) in enumerate(zip(pk.cu_seqlens[:-1].tolist(), pk.cu_seqlens[1:].tolist())):
         torch.testing.assert_close(pk.coords[a:b], naive_coords(*pk.grids[i], 128.0))
+    x = torch.randn(pk.num_tokens, 5)  # pool_views: the per-view mean
+    torch.testing.assert_close(pool_views(x, pk), torch.stack([x[pk.view_ids == i].mean(0) for i in range(len(views))]))
 
 
 def test_pack_round_trip():
-    """Every view's patch vectors, read back from the packed sequence, equal a naive patch loop,
-    and every token lands in exactly one slot."""
+    """Each view's patch vectors, read back from the packed sequence, equal a naive loop; each token has one slot."""
     views = mixed_views(1)
     pk = pack_views(views)
     tokens = [None] * pk.num_tokens
@@ -203,17 +207,9 @@ def test_pack_round_trip():
         tokens[i] = t
     assert all(t is not None for t in tokens)
     assert sorted(pk.idx2d.tolist() + pk.idx3d.tolist()) == list(range(pk.num_tokens))
-    per_view = split_views(torch.arange(pk.num_tokens), pk)
+    per_view = torch.split(torch.arange(pk.num_tokens), pk.seqlens)
     for v, ids in zip(views, per_view):
         torch.testing.assert_close(torch.stack([tokens[i] for i in ids.tolist()]), naive_patches(v))
-
-
-def test_pool_views_is_per_view_mean():
-    views = mixed_views()
-    pk = pack_views(views)
-    x = torch.randn(pk.num_tokens, 5)
-    ref = torch.stack([x[pk.view_ids == i].mean(0) for i in range(len(views))])
-    torch.testing.assert_close(pool_views(x, pk), ref)
 
 
 def reference_attention(q, k, v, seqlens):
@@ -261,8 +257,7 @@ def test_attention_dispatch(monkeypatch):
 # model.py
 
 def test_patch_embed_2d_equals_literal_zero_padding():
-    """The paper's recipe done literally: pad a 2D image along depth to P with zeros, Conv3d with
-    stride P. Our embedding never builds the zero slices and must give the same tokens."""
+    """The paper's recipe done literally (zero-pad a 2D image along depth to P, Conv3d) gives the same tokens."""
     m = tiny_model()
     pe = m.patch_embed
     x2d = torch.randn(1, 28, 42)
@@ -308,22 +303,16 @@ def test_model_matches_naive_forward():
 
 
 def test_batch_invariance():
-    """A view's embedding does not depend on what else is packed with it."""
+    """A view's embedding does not depend on what else is packed with it; a 2D view is a depth-1 volume."""
     m = tiny_model()
     views = mixed_views(2)
     with torch.no_grad():
         alone = torch.cat([m([v]) for v in views])
         together = m(views)
         shuffled = m(views[::-1]).flip(0)
+        torch.testing.assert_close(m([views[0]]), m([views[0][:, None]]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shuffled, alone, rtol=1e-5, atol=1e-5)
-
-
-def test_2d_as_depth_one_volume():
-    m = tiny_model()
-    x = torch.randn(1, 42, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(m([x]), m([x[:, None]]), rtol=1e-6, atol=1e-6)
 
 
 def test_gradients_reach_every_parameter():
@@ -397,7 +386,7 @@ def train_cfg(data_dir, out_dir, **kw):
     return cfg
 
 
-def test_configurator_rejects_bad_overrides(tmp_path):
+def test_configurator_rejects_bad_overrides_and_lr_schedule(tmp_path):
     d = {k: getattr(train, k) for k in train.config_keys}
     assert train.configure(d, ["--max_iters=7", "--out_dir=x", "--lam=1"]) | {} == {**d, "max_iters": 7, "out_dir": "x", "lam": 1.0}
     with pytest.raises(ValueError, match="max_iters=1.5 is a float, expected int"):
@@ -413,10 +402,7 @@ def test_configurator_rejects_bad_overrides(tmp_path):
         train.configure(d, [str(cfgfile)])
     for stage in ("stage1", "stage2", "stage3", "supervised"):  # the shipped configs load
         train.configure(d, [f"config/{stage}.py"])
-
-
-def test_get_lr_schedule():
-    cfg = dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    cfg = dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)  # and the lr schedule
     assert train.get_lr(0, cfg) == pytest.approx(0.1) and train.get_lr(9, cfg) == pytest.approx(1.0)
     assert train.get_lr(60, cfg) == pytest.approx(0.1 + 0.5 * 0.9)  # half way down the cosine
     assert train.get_lr(110, cfg) == pytest.approx(0.1)
@@ -430,8 +416,7 @@ def test_split_micro_keeps_samples_whole_and_balanced():
 
 
 def test_threads_per_rank_fit_the_cores(monkeypatch, capsys):
-    """ranks x threads beyond the cores: without OMP_NUM_THREADS each rank takes cores // ranks threads;
-    with it, a warning that names the value to set; within the cores, nothing happens."""
+    """Beyond the cores: cores // ranks threads each, or with OMP_NUM_THREADS a warning naming the value."""
     before, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -469,7 +454,7 @@ def test_resume_is_exact(fake_data, tmp_path):
 def test_supervised_objective_with_nan_labels(fake_data, tmp_path):
     net = train.main(train_cfg(fake_data, str(tmp_path), objective="supervised", max_iters=3))
     assert net.head.weight.shape == (5, net.encoder.cfg.dim)
-    log = [__import__("json").loads(l) for l in open(tmp_path / "log.jsonl")]
+    log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
     # the supervised loss masks NaN labels: compare with sklearn-free closed form on a tiny case
     logits = torch.tensor([[[0.0, 2.0, -1.0, 0.5, 0.0]]])
@@ -494,8 +479,7 @@ def free_port():
 
 
 def test_ddp_two_processes_stay_in_sync(fake_data, tmp_path):
-    """With a token budget at which the two ranks' loaders cut different numbers of micro-batches in some
-    step (found below from the loaders themselves), the rank with fewer cuts finer and both stay in sync."""
+    """At a token budget where the ranks' loaders cut different micro-batch counts, both stay in sync."""
     ds2, ds3 = ShardDataset(fake_data, split="train", modality="2d"), ShardDataset(fake_data, split="train", modality="3d")
     toks = [[[sum(b["packed"].seqlens[i * 10:(i + 1) * 10]) for i in range(3)]
              for b in data.make_loader(ds2, ds3, 2, 1, rank=r, world_size=2, seed=train.seed, stop_step=3)] for r in range(2)]
@@ -506,15 +490,13 @@ def test_ddp_two_processes_stay_in_sync(fake_data, tmp_path):
     p0, p1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in p0:
         torch.testing.assert_close(p0[k], p1[k], rtol=0, atol=0, msg=k)
-    log = [__import__("json").loads(l) for l in open(tmp_path / "log.jsonl")]
+    log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
     assert (tmp_path / "ckpt.pt").exists()
 
 
 # -----------------------------------------------------------------------------
-# data.py: shards, preprocessing, views, stream
-
-# ----------------------------------------------------------------------------- helpers
+# data.py: preprocessing, shards, the runner, the stream, progress bars
 
 def _toy_load(rec):
     """load_fn for the runner tests: a raw image chosen by the record's 'kind' (top level, so picklable)."""
@@ -577,17 +559,12 @@ def shard_dir(tmp_path):
     return tmp_path
 
 
-# ----------------------------------------------------------------------------- preprocessing
-
-def test_normalisation_values():
+def test_normalisation_and_area_resize_closed_forms():
     hu = np.array([-3000, -1000, 250, 1500, 4000, -375], np.float32)
     np.testing.assert_allclose(data.hu_to_unit(hu), [-1, -1, 0, 1, 1, -0.5], atol=1e-6)  # W 2500, L 250
     np.testing.assert_allclose(data.xray_to_unit(np.array([[10, 60, 110]], np.uint16)), [[-1, 0, 1]], atol=1e-6)
     x = data.xray_to_unit(np.random.default_rng(0).integers(0, 65535, (50, 40)).astype(np.uint16))
     assert x.dtype == np.float32 and x.min() == -1 and x.max() == 1
-
-
-def test_resize_area_filter_matches_block_mean():
     x = np.random.default_rng(0).random((8, 12)).astype(np.float32)
     ref = x.reshape(4, 2, 6, 2).mean(axis=(1, 3))  # naive 2x2 block means
     np.testing.assert_allclose(data.resize_long_side(x, 6), ref, atol=1e-6)
@@ -621,8 +598,6 @@ def test_preprocess_shapes_and_bad_inputs():
     with pytest.raises(BadInput, match='spacing'):
         data.preprocess_ct(np.random.random((20, 20, 20)), (1.0, 0.0, 1.0))
 
-
-# ----------------------------------------------------------------------------- shards
 
 def test_shard_round_trip(shard_dir):
     rng = np.random.default_rng(0)
@@ -698,13 +673,7 @@ def test_runner_reports_bad_inputs_and_skips_finished_shards(tmp_path):
     assert (ShardDataset(tmp_path).labels[0] == 0).all() and data._find_shards(tmp_path)
 
 
-def test_runner_fails_loudly_when_nothing_loads(tmp_path):
-    with pytest.raises(RuntimeError, match=r"all 2 records failed.*/raw/corrupt/0.dat: unexpected OSError"):
-        data.preprocess_records([_rec(0, 'corrupt'), _rec(1, 'constant')], _toy_load, tmp_path, 'toy', workers=1)
-    assert json.load(open(tmp_path / "report.json"))['toy']['failed'] == 2
-
-
-def test_runner_parallel_matches_serial(tmp_path):
+def test_runner_parallel_matches_serial_and_fails_loudly_when_nothing_loads(tmp_path):
     recs = [_rec(i, k, split=s) for i, (k, s) in enumerate([('xray', 'train'), ('ct', 'val'), ('xray', 'test'),
                                                           ('constant', 'train'), ('ct', 'train')])]
     data.preprocess_records(recs, _toy_load, tmp_path / "a", 'toy', workers=1)
@@ -713,6 +682,9 @@ def test_runner_parallel_matches_serial(tmp_path):
     a, b = ShardDataset(tmp_path / "a"), ShardDataset(tmp_path / "b")
     assert list(a.id) == list(b.id)
     assert all(np.array_equal(a[i]['image'], b[i]['image']) for i in range(len(a)))
+    with pytest.raises(RuntimeError, match=r"all 2 records failed.*/raw/corrupt/0.dat: unexpected OSError"):
+        data.preprocess_records([_rec(0, 'corrupt'), _rec(1, 'constant')], _toy_load, tmp_path / "c", 'toy', workers=1)
+    assert json.load(open(tmp_path / "c" / "report.json"))['toy']['failed'] == 2  # nothing loads: fails loudly
 
 
 def test_progress_bars_print_rarely_and_in_plain_lines_in_a_log(monkeypatch):
@@ -727,7 +699,152 @@ def test_progress_bars_print_rarely_and_in_plain_lines_in_a_log(monkeypatch):
     assert data.progress(total=1, file=io.StringIO()).mininterval < 1
 
 
-# ----------------------------------------------------------------------------- views
+def sample_views(batch, i):
+    """Sample i of a loader batch: (its views as a Packed of float patches after augment(), its aug rows)."""
+    for pk, aug, (a, b) in data.micro_batches(batch):
+        if a <= i < b:
+            V = pk.num_views // (b - a)
+            return views.augment(pk, aug).slice((i - a) * V, (i - a + 1) * V), aug[(i - a) * V:(i - a + 1) * V]
+
+
+def same_views(x, y):
+    return (x.seqlens == y.seqlens and x.grids == y.grids and torch.equal(x.patches2d, y.patches2d)
+            and torch.equal(x.patches3d, y.patches3d) and torch.equal(x.idx2d, y.idx2d) and torch.equal(x.coords, y.coords))
+
+
+def _batch_key(b):
+    return (b['step'], tuple(b['id']), tuple(map(tuple, b['micro'])), int(b['packed'].patches2d.sum()),
+            int(b['packed'].patches3d.sum()), float(b['aug'].sum()), tuple(b['packed'].seqlens))
+
+
+def test_rank_shares_are_disjoint_and_world_size_invariant(shard_dir):
+    ds2 = ShardDataset(shard_dir, split='train', modality='2d')  # 10 samples
+    ds3 = ShardDataset(shard_dir, split='train', modality='3d')  # 6 samples
+    crop = MultiCrop(n_global=1, n_local=1)
+    steps = 2  # global batch 4 + 2: both steps stay inside the first epoch of each stream
+    ranks = [list(data.make_loader(ds2, ds3, 2, 1, rank=r, world_size=2, seed=7, crop=crop, stop_step=steps))
+             for r in range(2)]
+    for mod, n in (('2d', 8), ('3d', 4)):
+        ids = [[i for b in bs for i, m in zip(b['id'], b['modality']) if m == mod] for bs in ranks]
+        assert len(set(ids[0])) == len(ids[0]) and not set(ids[0]) & set(ids[1])
+        assert len(set(ids[0]) | set(ids[1])) == n
+    one = list(data.make_loader(ds2, ds3, 4, 2, seed=7, crop=crop, stop_step=steps, token_budget=10))
+    for s in range(steps):  # one process sees exactly the union of the two ranks, with the same crops
+        r0, r1 = ranks[0][s], ranks[1][s]
+        assert one[s]['id'] == r0['id'][:2] + r1['id'][:2] + r0['id'][2:] + r1['id'][2:]
+        assert len(one[s]['micro']) > 1  # however the micro-batches are cut
+        for i, (r, j) in enumerate([(r0, 0), (r0, 1), (r1, 0), (r1, 1), (r0, 2), (r1, 2)]):
+            (x, ax), (y, ay) = sample_views(one[s], i), sample_views(r, j)
+            assert same_views(x, y) and torch.equal(ax, ay)
+    # over many steps every sample comes once per epoch
+    full = [i for b in data.make_loader(ds2, None, 5, 0, seed=1, crop=crop, stop_step=4) for i in b['id']]
+    assert sorted(full[:10]) == sorted(full[10:]) == sorted(ds2.id) and full[:10] != full[10:]
+
+
+def test_stream_batch_format_determinism_and_resume(shard_dir):
+    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
+    crop = MultiCrop()
+    run = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, stop_step=5, token_budget=100))
+    b = run[0]
+    assert set(b) == {'packed', 'aug', 'views_per_sample', 'micro', 'labels', 'modality', 'id', 'step', 'skipped'}
+    assert b['step'] == 0 and b['skipped'] == [] and b['views_per_sample'] == 10 and len(b['micro']) > 1
+    assert b['micro'][0][0] == 0 and b['micro'][-1][1] == 6 and all(x[1] == y[0] for x, y in zip(b['micro'], b['micro'][1:]))
+    assert b['packed'].num_views == 60 and b['packed'].patches2d.dtype == torch.int8 and b['aug'].shape == (60, 4)
+    assert b['modality'] == ['2d'] * 4 + ['3d'] * 2
+    assert sample_views(b, 0)[0].patches3d.shape[0] == 0 and sample_views(b, 5)[0].patches2d.shape[0] == 0
+    assert b['labels'].shape == (6, 5) and b['labels'].dtype == torch.float32 and b['labels'].isnan().any()
+    resumed = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, start_step=3, stop_step=5, workers=2,
+                                    token_budget=100))
+    assert [_batch_key(x) for x in resumed] == [_batch_key(x) for x in run[3:]]
+    other = next(iter(data.make_loader(ds2, ds3, 4, 2, seed=4, crop=crop, stop_step=1, token_budget=100)))
+    assert _batch_key(other) != _batch_key(b)
+    stage1 = next(iter(data.make_loader(ds2, None, 4, 0, seed=3, crop=crop, stop_step=1)))
+    assert stage1['modality'] == ['2d'] * 4
+    with pytest.raises(ValueError, match="no 3D samples"):
+        data.make_loader(ds2, None, 4, 2)
+
+
+def test_loader_views_and_packing_match_a_reference(shard_dir):
+    """The loader's micro-batches (int8 crops from the worker, augmented) equal the reference path: ShardDataset's
+    float image, MultiCrop with the same seed, pack_views and the per-view augmentation; cut as split_micro says."""
+    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
+    crop, seed, step, budget = MultiCrop(), 5, 1, 40
+    b = next(iter(data.make_loader(ds2, ds3, 4, 2, rank=1, world_size=2, seed=seed, crop=crop, start_step=step,
+                                   token_budget=budget, n_views=6)))
+    toks = []
+    for i in range(6):
+        m, ds, j = (0, ds2, i) if i < 4 else (1, ds3, i - 4)
+        k = (step * 2 + 1) * (4 if m == 0 else 2) + j
+        item = ds[data.stream_index(len(ds), seed, m, k)]
+        views, aug = crop(item['image'], np.random.default_rng((seed, 1, m, k)))
+        ref = pack.pack_views([torch.from_numpy(np.ascontiguousarray(v)) for v in views[:6]])
+        got, got_aug = sample_views(b, i)
+        assert b['id'][i] == item['id'] and torch.equal(got_aug, torch.from_numpy(aug[:6]))
+        for f in ('idx2d', 'idx3d', 'coords', 'cu_seqlens', 'view_ids'):
+            assert torch.equal(getattr(got, f), getattr(ref, f)), f
+        assert got.seqlens == ref.seqlens and got.grids == ref.grids and got.groups[2] == ref.groups[2]
+        for x, want in zip(per_view(got), reference_augment([np.ascontiguousarray(v) for v in views[:6]], aug[:6])):
+            np.testing.assert_allclose(x.numpy(), want, rtol=0, atol=1e-6)
+        toks.append(ref.num_tokens)
+    n = math.ceil(sum(toks) / budget)
+    assert n > 1 and [tuple(c) for c in b['micro']] == list(zip(data.split_micro(toks, n), data.split_micro(toks, n)[1:]))
+
+
+def test_micro_batches_cut_finer_without_changing_a_sample(shard_dir):
+    """Cut finer (as a rank with fewer micro-batches does), every sample keeps its views, the cuts cover the batch
+    in order, and each slice is a valid Packed (length groups as pack_views makes them)."""
+    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
+    b = next(iter(data.make_loader(ds2, ds3, 4, 2, seed=2, crop=MultiCrop(n_global=2, n_local=2))))
+    for n in (1, 2, 4, 6):
+        micro = data.micro_batches(b, n)
+        cuts = [c for _, _, c in micro]
+        assert len(micro) == n and cuts[0][0] == 0 and cuts[-1][1] == 6 and all(x[1] == y[0] for x, y in zip(cuts, cuts[1:]))
+        for pk, aug, (a, c) in micro:
+            ref = pack.pack_views([v.float() for v in per_view_images(pk)])
+            assert [t.tolist() for t in pk.groups[:2]] == [t.tolist() for t in ref.groups[:2]] and pk.groups[2] == ref.groups[2]
+            assert torch.equal(pk.cu_seqlens, ref.cu_seqlens) and torch.equal(pk.view_ids, ref.view_ids)
+        for i in range(6):
+            (x, ax), (y, ay) = sample_views(dict(b, micro=cuts), i), sample_views(b, i)
+            assert same_views(x, y) and torch.equal(ax, ay)
+
+
+def per_view_images(pk):
+    """The views of a Packed back as images (C=1), from their patch rows (the inverse of packing)."""
+    out = []
+    for rows, (gz, gh, gw) in zip(per_view(pk), pk.grids):
+        P = 14
+        if rows.shape[1] == P * P:
+            out.append(rows.reshape(gh, gw, P, P).permute(0, 2, 1, 3).reshape(1, gh * P, gw * P))
+        else:
+            out.append(rows.reshape(gz, gh, gw, P, P, P).permute(0, 3, 1, 4, 2, 5).reshape(1, gz * P, gh * P, gw * P))
+    return out
+
+
+def test_iterate_whole(shard_dir):
+    ds = ShardDataset(shard_dir)
+    seen, budget = [], 12
+    for r in range(2):
+        for b in data.iterate_whole(ds, token_budget=budget, rank=r, world_size=2):
+            pk = b['packed']
+            assert b['labels'].shape == (len(b['id']), 5) and pk.num_views == len(b['id']) and pk.patches2d.dtype == torch.int8
+            assert pk.num_tokens <= budget or pk.num_views == 1  # a larger sample goes alone
+            floats = views.augment(pk, b['aug'])
+            for j, i in enumerate(b['id']):
+                full = ds[list(ds.id).index(i)]['image']
+                x = probe.whole_view(full, 14)  # the reference padding
+                ref = pack.pack_views([x])
+                got = floats.slice(j, j + 1)
+                assert got.grids == ref.grids and torch.equal(per_view(got)[0], per_view(ref)[0])
+                assert all(s % 14 == 0 and S <= s < S + 14 for s, S in zip(x.shape[1:], full.shape[1:]))
+                inner = tuple(slice((s - S) // 2, (s - S) // 2 + S) for s, S in zip(x.shape[1:], full.shape[1:]))
+                assert np.array_equal(x.numpy()[(0,) + inner], full[0])  # centred, nothing lost
+                assert (x.numpy() == -1).sum() == x.numel() - full.size + (full == -1).sum()
+            seen += b['id']
+    assert sorted(seen) == sorted(ds.id)
+
+
+# -----------------------------------------------------------------------------
+# views.py: multi-crop views, and their augmentation on the device
 
 @pytest.mark.parametrize("shape", [(1, 224, 182), (1, 224, 224), (1, 112, 112, 112), (1, 84, 112, 98)])
 def test_view_sizes_and_scales_over_many_draws(shape):
@@ -803,8 +920,7 @@ def reference_augment(vs, aug):
 
 
 def test_augment_matches_a_per_view_reference_on_cpu_and_device():
-    """The device-side augmentation equals the per-view CPU reference, for int8 (loader) and float views;
-    on CUDA, where there is one, the same code gives the same numbers as on the CPU."""
+    """augment() equals the per-view reference for int8 and float views; on CUDA, if any, the same numbers."""
     rng = np.random.default_rng(0)
     q = [rng.integers(-127, 128, s).astype(np.int8) for s in ((1, 28, 42), (1, 14, 14), (1, 28, 14, 42), (1, 14, 28, 28))]
     aug = np.array([(1.1, 0.05, 0.02, 7), (0.8, -0.1, 0.0, 0), (1.0, 0.0, 0.01, 1527), (1.2, 0.1, 0.02, 1500)])
@@ -821,9 +937,8 @@ def test_augment_matches_a_per_view_reference_on_cpu_and_device():
 
 
 def test_view_zoom_resamples_a_region_by_a_per_view_factor():
-    """zoom=(a, b): each view shows a region of size/z resampled to its patch-snapped size. On a linear
-    ramp, (bi/tri)linear resampling is exact, so the slope along each axis in a view is the source/output
-    size ratio; the reference is the closed form 1/z with z in [a, b] (clipped at the image border)."""
+    """zoom=(a, b): a region of size/z resampled to the view's size. On a linear ramp resampling is exact, so the
+    slope along each axis is the closed form 1/z, z in [a, b] (clipped at the image border)."""
     for shape in ((1, 112, 98), (1, 42, 70, 56)):
         d = len(shape) - 1
         axes = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape[1:]], indexing="ij")
@@ -846,156 +961,8 @@ def test_view_zoom_resamples_a_region_by_a_per_view_factor():
     assert all(x.dtype == np.float32 for x in q)  # resampled int8 views all become floats in [-1, 1]
 
 
-# ----------------------------------------------------------------------------- stream
-
-def sample_views(batch, i):
-    """Sample i of a loader batch: (its views as a Packed of float patches after augment(), its aug rows)."""
-    for pk, aug, (a, b) in data.micro_batches(batch):
-        if a <= i < b:
-            V = pk.num_views // (b - a)
-            return views.augment(pk, aug).slice((i - a) * V, (i - a + 1) * V), aug[(i - a) * V:(i - a + 1) * V]
-
-
-def same_views(x, y):
-    return (x.seqlens == y.seqlens and x.grids == y.grids and torch.equal(x.patches2d, y.patches2d)
-            and torch.equal(x.patches3d, y.patches3d) and torch.equal(x.idx2d, y.idx2d) and torch.equal(x.coords, y.coords))
-
-
-def _batch_key(b):
-    return (b['step'], tuple(b['id']), tuple(map(tuple, b['micro'])), int(b['packed'].patches2d.sum()),
-            int(b['packed'].patches3d.sum()), float(b['aug'].sum()), tuple(b['packed'].seqlens))
-
-
-def test_rank_shares_are_disjoint_and_world_size_invariant(shard_dir):
-    ds2 = ShardDataset(shard_dir, split='train', modality='2d')  # 10 samples
-    ds3 = ShardDataset(shard_dir, split='train', modality='3d')  # 6 samples
-    crop = MultiCrop(n_global=1, n_local=1)
-    steps = 2  # global batch 4 + 2: both steps stay inside the first epoch of each stream
-    ranks = [list(data.make_loader(ds2, ds3, 2, 1, rank=r, world_size=2, seed=7, crop=crop, stop_step=steps))
-             for r in range(2)]
-    for mod, n in (('2d', 8), ('3d', 4)):
-        ids = [[i for b in bs for i, m in zip(b['id'], b['modality']) if m == mod] for bs in ranks]
-        assert len(set(ids[0])) == len(ids[0]) and not set(ids[0]) & set(ids[1])
-        assert len(set(ids[0]) | set(ids[1])) == n
-    one = list(data.make_loader(ds2, ds3, 4, 2, seed=7, crop=crop, stop_step=steps, token_budget=10))
-    for s in range(steps):  # one process sees exactly the union of the two ranks, with the same crops
-        r0, r1 = ranks[0][s], ranks[1][s]
-        assert one[s]['id'] == r0['id'][:2] + r1['id'][:2] + r0['id'][2:] + r1['id'][2:]
-        assert len(one[s]['micro']) > 1  # however the micro-batches are cut
-        for i, (r, j) in enumerate([(r0, 0), (r0, 1), (r1, 0), (r1, 1), (r0, 2), (r1, 2)]):
-            (x, ax), (y, ay) = sample_views(one[s], i), sample_views(r, j)
-            assert same_views(x, y) and torch.equal(ax, ay)
-    # over many steps every sample comes once per epoch
-    full = [i for b in data.make_loader(ds2, None, 5, 0, seed=1, crop=crop, stop_step=4) for i in b['id']]
-    assert sorted(full[:10]) == sorted(full[10:]) == sorted(ds2.id) and full[:10] != full[10:]
-
-
-def test_stream_batch_format_determinism_and_resume(shard_dir):
-    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
-    crop = MultiCrop()
-    run = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, stop_step=5, token_budget=100))
-    b = run[0]
-    assert set(b) == {'packed', 'aug', 'views_per_sample', 'micro', 'labels', 'modality', 'id', 'step', 'skipped'}
-    assert b['step'] == 0 and b['skipped'] == [] and b['views_per_sample'] == 10 and len(b['micro']) > 1
-    assert b['micro'][0][0] == 0 and b['micro'][-1][1] == 6 and all(x[1] == y[0] for x, y in zip(b['micro'], b['micro'][1:]))
-    assert b['packed'].num_views == 60 and b['packed'].patches2d.dtype == torch.int8 and b['aug'].shape == (60, 4)
-    assert b['modality'] == ['2d'] * 4 + ['3d'] * 2
-    assert sample_views(b, 0)[0].patches3d.shape[0] == 0 and sample_views(b, 5)[0].patches2d.shape[0] == 0
-    assert b['labels'].shape == (6, 5) and b['labels'].dtype == torch.float32 and b['labels'].isnan().any()
-    resumed = list(data.make_loader(ds2, ds3, 4, 2, seed=3, crop=crop, start_step=3, stop_step=5, workers=2,
-                                    token_budget=100))
-    assert [_batch_key(x) for x in resumed] == [_batch_key(x) for x in run[3:]]
-    other = next(iter(data.make_loader(ds2, ds3, 4, 2, seed=4, crop=crop, stop_step=1, token_budget=100)))
-    assert _batch_key(other) != _batch_key(b)
-    stage1 = next(iter(data.make_loader(ds2, None, 4, 0, seed=3, crop=crop, stop_step=1)))
-    assert stage1['modality'] == ['2d'] * 4
-    with pytest.raises(ValueError, match="no 3D samples"):
-        data.make_loader(ds2, None, 4, 2)
-
-
-def test_loader_views_and_packing_match_a_reference(shard_dir):
-    """For a fixed seed, the loader's packed micro-batches (int8 crops cut in the worker, augmented on the
-    device) equal the reference path: the float image from ShardDataset, MultiCrop with the same seed,
-    pack_views of each sample's views and the per-view augmentation reference; cut as split_micro says."""
-    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
-    crop, seed, step, budget = MultiCrop(), 5, 1, 40
-    b = next(iter(data.make_loader(ds2, ds3, 4, 2, rank=1, world_size=2, seed=seed, crop=crop, start_step=step,
-                                   token_budget=budget, n_views=6)))
-    toks = []
-    for i in range(6):
-        m, ds, j = (0, ds2, i) if i < 4 else (1, ds3, i - 4)
-        k = (step * 2 + 1) * (4 if m == 0 else 2) + j
-        item = ds[data.stream_index(len(ds), seed, m, k)]
-        views, aug = crop(item['image'], np.random.default_rng((seed, 1, m, k)))
-        ref = pack.pack_views([torch.from_numpy(np.ascontiguousarray(v)) for v in views[:6]])
-        got, got_aug = sample_views(b, i)
-        assert b['id'][i] == item['id'] and torch.equal(got_aug, torch.from_numpy(aug[:6]))
-        for f in ('idx2d', 'idx3d', 'coords', 'cu_seqlens', 'view_ids'):
-            assert torch.equal(getattr(got, f), getattr(ref, f)), f
-        assert got.seqlens == ref.seqlens and got.grids == ref.grids and got.groups[2] == ref.groups[2]
-        for x, want in zip(per_view(got), reference_augment([np.ascontiguousarray(v) for v in views[:6]], aug[:6])):
-            np.testing.assert_allclose(x.numpy(), want, rtol=0, atol=1e-6)
-        toks.append(ref.num_tokens)
-    n = math.ceil(sum(toks) / budget)
-    assert n > 1 and [tuple(c) for c in b['micro']] == list(zip(data.split_micro(toks, n), data.split_micro(toks, n)[1:]))
-
-
-def test_micro_batches_cut_finer_without_changing_a_sample(shard_dir):
-    """A rank whose loader cut fewer micro-batches than another rank's cuts them finer in train.py; every
-    sample keeps its views, the cuts still cover the batch in order, and each slice is a valid Packed
-    (its length groups as pack_views would make them)."""
-    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
-    b = next(iter(data.make_loader(ds2, ds3, 4, 2, seed=2, crop=MultiCrop(n_global=2, n_local=2))))
-    for n in (1, 2, 4, 6):
-        micro = data.micro_batches(b, n)
-        cuts = [c for _, _, c in micro]
-        assert len(micro) == n and cuts[0][0] == 0 and cuts[-1][1] == 6 and all(x[1] == y[0] for x, y in zip(cuts, cuts[1:]))
-        for pk, aug, (a, c) in micro:
-            ref = pack.pack_views([v.float() for v in per_view_images(pk)])
-            assert [t.tolist() for t in pk.groups[:2]] == [t.tolist() for t in ref.groups[:2]] and pk.groups[2] == ref.groups[2]
-            assert torch.equal(pk.cu_seqlens, ref.cu_seqlens) and torch.equal(pk.view_ids, ref.view_ids)
-        for i in range(6):
-            (x, ax), (y, ay) = sample_views(dict(b, micro=cuts), i), sample_views(b, i)
-            assert same_views(x, y) and torch.equal(ax, ay)
-
-
-def per_view_images(pk):
-    """The views of a Packed back as images (C=1), from their patch rows (the inverse of packing)."""
-    out = []
-    for rows, (gz, gh, gw) in zip(per_view(pk), pk.grids):
-        P = 14
-        if rows.shape[1] == P * P:
-            out.append(rows.reshape(gh, gw, P, P).permute(0, 2, 1, 3).reshape(1, gh * P, gw * P))
-        else:
-            out.append(rows.reshape(gz, gh, gw, P, P, P).permute(0, 3, 1, 4, 2, 5).reshape(1, gz * P, gh * P, gw * P))
-    return out
-
-
-def test_iterate_whole(shard_dir):
-    ds = ShardDataset(shard_dir)
-    seen, budget = [], 12
-    for r in range(2):
-        for b in data.iterate_whole(ds, token_budget=budget, rank=r, world_size=2):
-            pk = b['packed']
-            assert b['labels'].shape == (len(b['id']), 5) and pk.num_views == len(b['id']) and pk.patches2d.dtype == torch.int8
-            assert pk.num_tokens <= budget or pk.num_views == 1  # a larger sample goes alone
-            floats = views.augment(pk, b['aug'])
-            for j, i in enumerate(b['id']):
-                full = ds[list(ds.id).index(i)]['image']
-                x = probe.whole_view(full, 14)  # the reference padding
-                ref = pack.pack_views([x])
-                got = floats.slice(j, j + 1)
-                assert got.grids == ref.grids and torch.equal(per_view(got)[0], per_view(ref)[0])
-                assert all(s % 14 == 0 and S <= s < S + 14 for s, S in zip(x.shape[1:], full.shape[1:]))
-                inner = tuple(slice((s - S) // 2, (s - S) // 2 + S) for s, S in zip(x.shape[1:], full.shape[1:]))
-                assert np.array_equal(x.numpy()[(0,) + inner], full[0])  # centred, nothing lost
-                assert (x.numpy() == -1).sum() == x.numel() - full.size + (full == -1).sum()
-            seen += b['id']
-    assert sorted(seen) == sorted(ds.id)
-
-
 # -----------------------------------------------------------------------------
-# adapters.py: real-data formats (fixtures written in each real format)
+# adapters.py and readers.py: real-data sets and formats (fixtures written in each real format)
 
 Z, H, W = 6, 20, 24
 MARK = (1, 2, 3)  # (inferior, anterior, patient right) corner of C
@@ -1067,8 +1034,6 @@ def radiograph(marker=220):
     return a
 
 
-# ----------------------------------------------------------------------------- MIMIC-CXR-JPG
-
 CHEXPERT14 = ['Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', 'Enlarged Cardiomediastinum',
               'Fracture', 'Lung Lesion', 'Lung Opacity', 'Pleural Effusion', 'Pneumonia', 'Pneumothorax',
               'Pleural Other', 'Support Devices', 'No Finding']
@@ -1115,8 +1080,6 @@ def test_mimic(tmp_path):
         R.load_xray(recs[2])
 
 
-# ----------------------------------------------------------------------------- CheXpert
-
 def test_chexpert(tmp_path):
     root = str(tmp_path)
     header = ['Path', 'No Finding', 'Enlarged Cardiomediastinum', 'Cardiomegaly', 'Airspace Opacity',
@@ -1140,8 +1103,6 @@ def test_chexpert(tmp_path):
     np.testing.assert_array_equal(recs[1]['labels'], [0, 0, 1, 1, 1])  # "Airspace Opacity" -> LO
     assert R.load_xray(recs[2])[2:7, 3:9].mean() > 200                 # valid/ resolved to val/
 
-
-# ----------------------------------------------------------------------------- CT-RATE
 
 CTRATE_LABELS = ['VolumeName', 'Medical material', 'Arterial wall calcification', 'Cardiomegaly',
                  'Pericardial effusion', 'Coronary artery wall calcification', 'Hiatal hernia',
@@ -1201,8 +1162,6 @@ def test_ctrate_original_and_fixed(tmp_path):
         R.load_ct(recs['train_8_a_1'])
 
 
-# ----------------------------------------------------------------------------- RAD-ChestCT
-
 def test_radchest(tmp_path):
     pytest.importorskip('nibabel')  # the reorientation maths
     root, c = str(tmp_path), canonical_ct()
@@ -1231,8 +1190,6 @@ def test_radchest(tmp_path):
         R.load_radchest(recs[1])
 
 
-# ----------------------------------------------------------------------------- folder: CT
-
 def write_series(folder, c, iop=(1, 0, 0, 0, 1, 0), z=None, uid='1.2.3'):
     """One DICOM file per slice, stored uint16 = (HU + 1024) / 2 with RescaleSlope 2, Intercept -1024;
     file names and InstanceNumber run opposite to anatomy, so only ImagePositionPatient sorts them."""
@@ -1259,8 +1216,6 @@ def test_folder_ct(tmp_path):
         np.testing.assert_array_equal(hu, c)
         assert spacing == pytest.approx((1.5 if r['id'].endswith('gz') else 2.5, 0.6, 0.7))
 
-
-# ----------------------------------------------------------------------------- folder: X-ray
 
 def test_folder_xray_and_labels(tmp_path):
     root = str(tmp_path / 'cxr')
@@ -1291,12 +1246,10 @@ def test_folder_xray_and_labels(tmp_path):
             R.load_folder(recs[k])
 
 
-# ----------------------------------------------------------------------------- a folder full of problems
-
-def test_folder_full_of_problems(tmp_path):
-    """Issue 8: each bad file is refused with its reason; MONOCHROME1 is inverted, not refused."""
+def problem_folders(tmp_path):
+    """An X-ray and a CT folder full of problems, and what each file gives: None (loads) or its reason."""
     pytest.importorskip('pydicom'), pytest.importorskip('nibabel'), pytest.importorskip('PIL')
-    xr, ct, c = str(tmp_path / 'xray'), str(tmp_path / 'ct'), canonical_ct()
+    xr, ct, c, aff = str(tmp_path / 'xray'), str(tmp_path / 'ct'), canonical_ct(), np.diag([-0.7, -0.6, 1.5, 1])
     write_picture(f'{xr}/ok.png', radiograph())
     open(f'{xr}/empty.png', 'wb').close()
     write_dicom(f'{xr}/nopixels.dcm', None)
@@ -1307,29 +1260,33 @@ def test_folder_full_of_problems(tmp_path):
     write_picture(f'{xr}/dot.png', np.full((1, 1), 9, np.uint8))
     open(f'{xr}/notes.txt', 'w').write('not an image')
     write_picture(f'{xr}/cut.jpg', radiograph(), 'L')
-    data = open(f'{xr}/cut.jpg', 'rb').read()
-    open(f'{xr}/cut.jpg', 'wb').write(data[:len(data) // 2])
-    write_dicom(f'{xr}/mono1.dcm', radiograph(), PhotometricInterpretation='MONOCHROME1')
-    write_nifti(f'{ct}/ok.nii.gz', c.transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
-    write_nifti(f'{ct}/nan.nii.gz', np.where(c > 500, np.nan, c).astype(np.float32).transpose(2, 1, 0),
-                np.diag([-0.7, -0.6, 1.5, 1]))
+    raw = open(f'{xr}/cut.jpg', 'rb').read()
+    open(f'{xr}/cut.jpg', 'wb').write(raw[:len(raw) // 2])
+    write_dicom(f'{xr}/mono1.dcm', radiograph(marker=10), PhotometricInterpretation='MONOCHROME1')  # dense stored LOW
+    write_nifti(f'{ct}/ok.nii.gz', c.transpose(2, 1, 0), aff)
+    write_nifti(f'{ct}/nan.nii.gz', np.where(c > 500, np.nan, c).astype(np.float32).transpose(2, 1, 0), aff)
     write_nifti(f'{ct}/noorient.nii', c.transpose(2, 1, 0), None)
-    write_nifti(f'{ct}/oneslice.nii.gz', c[:1].transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
-    data = open(f'{ct}/ok.nii.gz', 'rb').read()
-    open(f'{ct}/cut.nii.gz', 'wb').write(data[:len(data) // 2])
+    write_nifti(f'{ct}/oneslice.nii.gz', c[:1].transpose(2, 1, 0), aff)
+    open(f'{ct}/empty.nii.gz', 'wb').close()
+    raw = open(f'{ct}/ok.nii.gz', 'rb').read()
+    open(f'{ct}/cut.nii.gz', 'wb').write(raw[:len(raw) // 2])
     write_series(f'{ct}/gap', c, z=np.array([0, 2.5, 5, 10, 12.5, 15.0]))  # a missing slice
     write_series(f'{ct}/two', c[:3])
     write_series(f'{ct}/two/more', c[3:], uid='9.9.9')
     for f in os.listdir(f'{ct}/two/more'):
         os.rename(f'{ct}/two/more/{f}', f'{ct}/two/B{f}')
     os.rmdir(f'{ct}/two/more')
-    expected = {
+    return xr, ct, {
         'ok.png': None, 'mono1.dcm': None, 'empty.png': 'zero-byte', 'nopixels.dcm': 'without pixel data',
         'colour.png': 'RGB', 'colour.dcm': 'RGB', 'dot.png': '1-pixel', 'notes.txt': 'unknown file type',
-        'cut.jpg': 'truncated',
-        'ok.nii.gz': None, 'nan.nii.gz': 'NaN', 'noorient.nii': 'without orientation',
-        'oneslice.nii.gz': '1-pixel', 'cut.nii.gz': 'truncated', 'gap': 'mismatched slice spacing: gaps 2.5 to 5 mm',
-        'two': 'several series'}
+        'cut.jpg': 'truncated', 'ok.nii.gz': None, 'nan.nii.gz': 'NaN', 'noorient.nii': 'without orientation',
+        'oneslice.nii.gz': '1-pixel', 'empty.nii.gz': 'zero-byte', 'cut.nii.gz': 'truncated',
+        'gap': 'mismatched slice spacing: gaps 2.5 to 5 mm', 'two': 'several series'}
+
+
+def test_folder_full_of_problems(tmp_path, monkeypatch):
+    """Each bad file is refused with its reason; MONOCHROME1 is inverted, not refused; a missing extra is named."""
+    xr, ct, expected = problem_folders(tmp_path)
     recs = A.records_folder(xr, 'xray') + A.records_folder(ct, 'ct')
     assert sorted(r['id'] for r in recs) == sorted(expected)
     for r in recs:
@@ -1338,13 +1295,33 @@ def test_folder_full_of_problems(tmp_path):
         else:
             with pytest.raises(R.BadInput, match=expected[r['id']]):
                 R.load_folder(r)
-
-
-def test_missing_extra_names_the_fix(monkeypatch):
-    import sys
     monkeypatch.setitem(sys.modules, 'pydicom', None)  # makes `import pydicom` fail
     with pytest.raises(ImportError, match='requirements-extra.txt'):
         R._need('pydicom')
+
+
+def test_preprocess_folder_of_problems_end_to_end(tmp_path, capsys):
+    """`python data.py folder` on them: bad files in report.json with their reasons, good ones in the shards."""
+    xr, ct, expected = problem_folders(tmp_path)
+    for root, modality in ((xr, "xray"), (ct, "ct")):
+        names = os.listdir(root)
+        good, bad = {n for n in names if expected[n] is None}, {n: expected[n] for n in names if expected[n]}
+        out = str(tmp_path / f"shards_{modality}")
+        data.main(["folder", "--root", root, "--out", out, "--modality", modality, "--workers", "1",
+                   "--val_frac", "0", "--test_frac", "0"])
+        rep = json.load(open(os.path.join(out, "report.json")))["folder"]
+        reasons = {os.path.basename(f["file"]): f["reason"] for f in rep["failures"]}
+        assert sorted(reasons) == sorted(bad) and rep["failed"] == len(bad) and rep["written"] == len(good)
+        assert all(why in reasons[name] for name, why in bad.items()), reasons
+        printed = capsys.readouterr().out
+        assert all(f"failed {os.path.join(root, name)}: {reasons[name]}" in printed for name in bad)
+        assert set(ShardDataset(out).id) == good
+    # MONOCHROME1 inverted: its dense block (stored low) is now the brightest part, as in ok.png
+    ds = ShardDataset(str(tmp_path / "shards_xray"))
+    for i in range(len(ds)):
+        img = ds[i]["image"][0]  # (187, 224): the 20 x 24 source scaled by 224 / 24
+        block, background = img[25:60, 35:80].mean(), img[100:, 100:].mean()
+        assert block > 0.9 and background < -0.9, (ds.id[i], block, background)
 
 
 # -----------------------------------------------------------------------------
@@ -1381,11 +1358,6 @@ def test_epps_pulley_matches_closed_form(name):
     assert rel < 0.01, f"{name}: quadrature off the closed form by {rel:.2%}"
 
 
-def test_epps_pulley_collapsed_value():
-    # all samples equal (at 0): EP/N = sqrt(2pi) - 2 sqrt(pi) + sqrt(2pi/3) = 0.40892 (from the issue)
-    assert epps_pulley(torch.zeros(50, 3)) / 50 == pytest.approx(torch.full((3,), 0.40892), abs=1e-5)
-
-
 def test_epps_pulley_is_fp32_under_bf16_autocast():
     x = torch.randn(200, 4, generator=torch.Generator().manual_seed(1)).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -1407,8 +1379,9 @@ def test_sigreg_gaussian_small_collapsed_large():
     gauss = sigreg(torch.randn(n, 16, generator=g), num_slices=256, step=0)
     # for an exact N(0,1) sample E[EP] = sqrt(2pi) * (1 - 1/sqrt(3)) = 1.06 whatever N (only the j = k terms)
     assert abs(gauss.item() - math.sqrt(2 * math.pi) * (1 - 1 / math.sqrt(3))) < 0.5
-    collapsed = sigreg(torch.zeros(n, 16), num_slices=256, step=0)
-    assert collapsed.item() == pytest.approx(0.40892 * n, rel=1e-4)  # every slice sees the collapsed input
+    # all samples equal (at 0): EP/N = sqrt(2pi) - 2 sqrt(pi) + sqrt(2pi/3) = 0.40892, in every slice
+    assert epps_pulley(torch.zeros(50, 3)) / 50 == pytest.approx(torch.full((3,), 0.40892), abs=1e-5)
+    assert sigreg(torch.zeros(n, 16), num_slices=256, step=0).item() == pytest.approx(0.40892 * n, rel=1e-4)
 
 
 def test_one_step_on_sigreg_spreads_a_collapsed_embedding():
@@ -1425,16 +1398,13 @@ def test_one_step_on_sigreg_spreads_a_collapsed_embedding():
     assert loss1 < loss0.item()
 
 
-def test_directions_same_per_step_new_across_steps():
+def test_directions_same_per_step_new_across_steps(monkeypatch):
     a, b, c = random_directions(12, 64, step=5), random_directions(12, 64, step=5), random_directions(12, 64, step=6)
     assert torch.equal(a, b) and not torch.allclose(a, c)
     torch.testing.assert_close(a.norm(dim=0), torch.ones(64))
     z = torch.randn(100, 12) * torch.linspace(0.2, 3, 12)  # anisotropic: slices disagree
     assert sigreg(z, 64, step=5).item() == sigreg(z, 64, step=5).item() != sigreg(z, 64, step=6).item()
-
-
-def test_zero_norm_direction_gives_no_nan(monkeypatch):
-    real = torch.randn
+    real = torch.randn  # a zero-norm direction gives no NaN
     monkeypatch.setattr(lejepa.torch, "randn", lambda *a, **k: torch.zeros_like(real(*a, **k)))
     assert torch.isfinite(sigreg(torch.randn(10, 4), num_slices=8)).all()
 
@@ -1460,17 +1430,11 @@ def test_lejepa_loss_against_a_loop():
         lejepa_loss(z, n_global=V + 1)
 
 
-def test_projector_is_per_sample():
-    # no BatchNorm: a sample's output must not depend on the rest of the batch (DDP exactness)
-    p = Projector(10, 32, 6).train()
+def test_projector_per_sample_and_bf16_autocast_finite_and_close_to_fp32():
+    p = Projector(10, 32, 6).train()  # no BatchNorm: a sample's output must not depend on the rest of the batch
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in p.modules())
     x = torch.randn(8, 10)
-    out = p(x)
-    assert out.shape == (8, 6)
-    torch.testing.assert_close(p(x[:3]), out[:3])
-
-
-def test_bf16_autocast_finite_and_close_to_fp32():
+    torch.testing.assert_close(p(x[:3]), p(x)[:3])
     g = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
     net = Projector(16, 64, 8)
@@ -1492,8 +1456,7 @@ def test_bf16_autocast_finite_and_close_to_fp32():
     assert inside.item() == pytest.approx(sigreg(z, 128, step=1).item(), rel=1e-6)
 
 
-# --- DDP: 2 processes (gloo) against one process on the concatenated batch -----------------------
-
+# DDP: 2 processes (gloo) against one process on the concatenated batch
 DDP_CFG = dict(V=3, N=8, D=6, hidden=16, K=4, n_global=2, lam=0.3, num_slices=64, step=7)
 
 
@@ -1621,8 +1584,7 @@ def test_probe_separable_and_chance(informative, expected):
 
 
 def test_probe_masks_nan_labels():
-    """NaN labels are left out of the fit: hiding labels must not change the probe beyond what
-    dropping those rows does, and a NaN must never be read as a class (it would crash sklearn)."""
+    """Hiding labels (NaN) changes the probe exactly as dropping those rows does; a NaN is never a class."""
     xtr, ytr = synthetic_features(0, 300, True)
     xva, yva = synthetic_features(1, 100, True)
     ytr_nan = ytr.copy()
@@ -1631,7 +1593,6 @@ def test_probe_masks_nan_labels():
     yva_nan = yva.copy()
     yva_nan[:50, 2] = np.nan
     scaler, clfs = probe.fit_probe(xtr, ytr_nan, xva, yva_nan, Cs=(1.0,))
-    from sklearn.linear_model import LogisticRegression
     for k in range(5):
         keep = ~hidden[:, k]
         ref = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(xtr)[keep], ytr[keep, k])
@@ -1646,22 +1607,8 @@ def test_probe_masks_nan_labels():
         np.mean([row["auroc"][l] for l in "ABCE"]), abs=1e-3)
 
 
-def test_whole_view_pads_to_patch_multiples():
-    x2 = np.zeros((1, 30, 28), np.float32)
-    x3 = np.ones((1, 40, 15, 14), np.float32)
-    v2, v3 = probe.whole_view(x2, 14), probe.whole_view(x3, 14)
-    assert v2.shape == (1, 42, 28) and v3.shape == (1, 42, 28, 14)
-    assert torch.equal(v3[:, 1:41, 6:21], torch.ones(1, 40, 15, 14))  # centred, content intact
-    assert (v3 == -1).sum() == v3.numel() - x3.size
-    assert (v2[:, :6] == -1).all() and (v2[:, 36:] == -1).all()
-
-
 def tiny_world(tmp_path, seed=0):
-    """A few fake samples in real shards (data.write_shard) named like the phantom world's, sizes off
-    the patch grid, and a tiny checkpoint in train.py's format."""
-    import data
-    from dataclasses import asdict
-    from model import ModelConfig, SparseMedicalViT
+    """Fake samples in real shards named like the phantom world's, off the patch grid, and a tiny checkpoint."""
     rng = np.random.default_rng(seed)
     shapes = {"2d": lambda: (1, int(rng.integers(20, 45)), int(rng.integers(20, 45))),
               "3d": lambda: (1, int(rng.integers(10, 30)), 28, int(rng.integers(20, 30)))}
@@ -1712,8 +1659,7 @@ def test_end_to_end_table_and_json(tmp_path, capsys, monkeypatch):
 
 
 def test_feature_cache_keys_and_staleness(tmp_path):
-    """Same (checkpoint tag, data key): reused. A new checkpoint tag: recomputed, and the old
-    checkpoint's features are dropped. Another data key: its own entry."""
+    """Same (checkpoint tag, data key): reused; a new tag: recomputed, the old one's dropped; a new key: its own."""
     path = str(tmp_path / "features.hdf5")
     feats = lambda v: {"x": np.full((2, 3), v, np.float32), "y": np.zeros((2, 5), np.float32),
                        "patient": np.array(["p0", "pé"]), "id": np.array(["a", "b"])}
@@ -1724,7 +1670,6 @@ def test_feature_cache_keys_and_staleness(tmp_path):
     assert probe.cached(path, "ckpt.pt", "step 1", "val", lambda: feats(2))["x"][0, 0] == 2
     assert probe.cached(path, "random-init:ckpt.pt", "seed 0", "test", lambda: feats(3))["x"][0, 0] == 3
     assert probe.cached(path, "ckpt.pt", "step 2", "test", lambda: feats(4))["x"][0, 0] == 4  # new checkpoint
-    import h5py
     with h5py.File(path) as f:
         assert len(f["ckpt.pt"]) == 1 and len(f["random-init:ckpt.pt"]) == 1  # step 1 entries pruned
     assert probe.cached(path, "ckpt.pt", "step 1", "test", lambda: feats(5))["x"][0, 0] == 5
@@ -1766,7 +1711,8 @@ def test_lejepa_beats_random_init_on_a_reduced_world(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# reliability: faults survived, inputs refused, reproducibility (issue 8)
+# train.py and the scripts under faults: kill -9, torchrun restarts, damaged shards, non-finite losses,
+# full disks, refused checkpoints, interrupted first runs, fuzzed inputs; reproducibility
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -1789,17 +1735,12 @@ def log_of(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
-
-
-# ----------------------------------------------------------------------------- kill -9 mid-checkpoint
-
 KILL_MID_SAVE = """
 import ast, io, os, signal, sys
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads({threads})
 import train
-import views
 calls = [0]
 def save(obj, f):  # the {n}-th save writes half its bytes, syncs them, and the process is killed -9
     calls[0] += 1
@@ -1819,8 +1760,7 @@ train.main(ast.literal_eval(open({cfg!r}).read()))
 
 @pytest.mark.slow
 def test_kill9_during_checkpoint_write_keeps_previous_and_resume_is_exact(shards, tmp_path):
-    """A real SIGKILL while the 3rd checkpoint is half written: ckpt.pt still holds step 2, and
-    init_from='resume' then ends on exactly the weights of an uninterrupted run."""
+    """SIGKILL mid-write of the 3rd checkpoint: ckpt.pt holds step 2, and resuming ends on the uninterrupted weights."""
     cfg = fast_cfg(shards, str(tmp_path / "killed"), max_iters=4)
     (tmp_path / "cfg.py").write_text(repr(cfg))
     script = KILL_MID_SAVE.format(repo=REPO, threads=torch.get_num_threads(), n=3, cfg=str(tmp_path / "cfg.py"))
@@ -1846,13 +1786,10 @@ def test_ckpt_keep_leaves_one_checkpoint_per_save(shards, tmp_path):
     assert sha(tmp_path / "ckpt_3.pt") == sha(tmp_path / "ckpt.pt")
 
 
-# ----------------------------------------------------------------------------- kill -9 of one rank
-
 KILL_RANK = """
 import os, signal, sys
 sys.path.insert(0, os.getcwd())
 import train
-import views
 REAL = train.get_lr
 def get_lr(it, cfg):  # rank 1 kills itself (-9) on entering step KILL_STEP, once (a marker file)
     marker = os.environ["KILL_MARKER"]
@@ -1883,8 +1820,7 @@ def torchrun_with_a_killed_rank(shards, tmp_path, restarts, share_store=False):
 
 @pytest.mark.slow
 def test_torchrun_kill9_one_rank_restarts_and_finishes(shards, tmp_path):
-    """torchrun --max-restarts=1 + init_from='auto': the restarted ranks resume from the step-2 checkpoint
-    and finish; step 3, done twice, gives the same loss both times (exact resume across the restart)."""
+    """--max-restarts=1, init_from='auto': the restarted ranks resume from step 2; step 3, run twice, logs one loss."""
     r, out = torchrun_with_a_killed_rank(shards, tmp_path, restarts=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "init_from='auto': resume" in r.stdout and "init from" in r.stdout
@@ -1895,8 +1831,7 @@ def test_torchrun_kill9_one_rank_restarts_and_finishes(shards, tmp_path):
 
 
 def test_torchrun_restarts_on_the_shared_store_are_refused_at_start(shards, tmp_path):
-    """With --max-restarts > 0 and torchrun's default shared rendezvous store, restarted gloo ranks can read
-    the dead attempt's addresses ('connectFullMesh ... Connection refused'): train.py refuses to start."""
+    """--max-restarts > 0 on torchrun's shared rendezvous store (restarts may not connect): refused at start."""
     r, out = torchrun_with_a_killed_rank(shards, tmp_path, restarts=1, share_store=True)
     assert r.returncode != 0 and not (tmp_path / "killed").exists()
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun" in r.stderr
@@ -1910,22 +1845,19 @@ def test_torchrun_kill9_one_rank_without_restarts_fails_loudly(shards, tmp_path)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2  # ready for init_from='resume'
 
 
-# ----------------------------------------------------------------------------- shards damaged mid-run
-
-def damage(path, how):
-    """'truncate': cut the file to a third. 'overwrite': flip every byte of the image data in place
-    (same size, HDF5 metadata intact: only the per-sample checksums can notice)."""
+def flip(path, how, index=3):
+    """Damage a shard: cut it to a third, flip all its image bytes ('overwrite': only checksums notice) or one bit."""
     if how == "truncate":
         with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 3)
-        return
-    with data.h5py.File(path, "r") as h:
+            return f.truncate(os.path.getsize(path) // 3)
+    with h5py.File(path, "r") as h:
         start, size = h["image"].id.get_offset(), h["image"].id.get_storage_size()
+        start, size = (start + int(h["offset"][index]) + 5, 1) if how == "one" else (start, size)
     with open(path, "r+b") as f:
         f.seek(start)
         raw = f.read(size)
         f.seek(start)
-        f.write(bytes(b ^ 0x55 for b in raw))
+        f.write(bytes(b ^ (1 if how == "one" else 0x55) for b in raw))
 
 
 @pytest.mark.parametrize("how, workers", [("truncate", 0), ("overwrite", 1)])
@@ -1936,7 +1868,7 @@ def test_shard_damaged_mid_run_names_file_and_sample(tmp_path, monkeypatch, how,
 
     def get_lr(it, cfg):  # the shard is damaged while the run reads it, after step 1
         if it == 1:
-            damage(victim, how)
+            flip(victim, how)
         return real(it, cfg)
     monkeypatch.setattr(train, "get_lr", get_lr)
     with pytest.raises(ShardError, match=rf"fake_train_2d_0000.h5.*sample 2d-train-\d \(index \d\)|"
@@ -1948,22 +1880,11 @@ def test_shard_damaged_mid_run_names_file_and_sample(tmp_path, monkeypatch, how,
         [ds[i] for i in range(len(ds))]
 
 
-def flip_one_byte(path, index):
-    """Flip one bit of one byte inside sample `index` of a shard, in place."""
-    with data.h5py.File(path, "r") as h:
-        start = h["image"].id.get_offset() + int(h["offset"][index]) + 5
-    with open(path, "r+b") as f:
-        f.seek(start)
-        b = f.read(1)
-        f.seek(start)
-        f.write(bytes([b[0] ^ 1]))
-
-
 def test_shard_damaged_sample_skipped_with_a_count_when_asked(tmp_path, capfd):
     """skip_bad_samples=True: the run finishes; each time the stream draws the bad sample it is replaced,
     warned about (file and sample named) and counted. The expected count comes from data.stream_index."""
     shards = write_fake_shards(str(tmp_path / "shards"), n_train=(8, 2))
-    flip_one_byte(os.path.join(shards, "fake_train_2d_0000.h5"), 3)
+    flip(os.path.join(shards, "fake_train_2d_0000.h5"), "one")
     n = len(ShardDataset(shards, split="train", modality="2d"))
     steps, b = 8, 2
     expect = sum(data.stream_index(n, 1337, 0, s * b + i) == 3 for s in range(steps) for i in range(b))
@@ -1983,7 +1904,7 @@ def test_shard_checksums_catch_one_changed_byte(tmp_path):
     path = os.path.join(shards, "fake_train_2d_0000.h5")
     ds = ShardDataset(path)
     before = [ds[i]["image"] for i in range(len(ds))]
-    flip_one_byte(path, 3)
+    flip(path, "one")
     ds = ShardDataset(path)
     for i in range(len(ds)):
         if i == 3:
@@ -1992,8 +1913,6 @@ def test_shard_checksums_catch_one_changed_byte(tmp_path):
         else:
             np.testing.assert_array_equal(ds[i]["image"], before[i])
 
-
-# ----------------------------------------------------------------------------- non-finite loss
 
 @pytest.mark.parametrize("fault", ["pred", "sigreg", "lr=1e30"])
 def test_nonfinite_loss_stops_before_the_step_and_keeps_the_checkpoint(shards, tmp_path, monkeypatch, fault):
@@ -2028,11 +1947,8 @@ def test_nonfinite_loss_stops_before_the_step_and_keeps_the_checkpoint(shards, t
     assert [r["step"] for r in log_of(out)] == list(range(1, bad_step + 1))
 
 
-# ----------------------------------------------------------------------------- disk full
-
 def test_disk_full_while_saving_keeps_previous_checkpoint(shards, tmp_path, monkeypatch):
-    """ENOSPC after half the bytes of the 2nd checkpoint: the error names the file and the fix, the
-    step-1 checkpoint is byte-for-byte intact, and no temp file is left behind."""
+    """ENOSPC mid-way through the 2nd checkpoint: the error names file and fix, step 1's is intact, no temp left."""
     real, calls = torch.save, []
 
     def full_disk(obj, f):
@@ -2056,9 +1972,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(shards, tmp_path, monk
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="POSIX file size limits")
 def test_real_write_failure_gives_a_clear_error(shards, tmp_path, monkeypatch):
-    """A write the kernel refuses (RLIMIT_FSIZE of 1 MiB: EFBIG, like a full disk). torch.save reports it
-    as an obscure RuntimeError from its zip writer; save_checkpoint must turn it into the clear message."""
-    import resource
+    """A write the kernel refuses (RLIMIT_FSIZE: EFBIG), an obscure RuntimeError of torch.save: the clear message."""
     real, calls = torch.save, []
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
@@ -2081,8 +1995,6 @@ def test_real_write_failure_gives_a_clear_error(shards, tmp_path, monkeypatch):
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
     assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
 
-
-# ----------------------------------------------------------------------------- checkpoints refused
 
 class Payload:
     """Unpickling this runs os.makedirs(marker): a stand-in for any code a crafted checkpoint could run."""
@@ -2127,8 +2039,6 @@ def test_checkpoint_from_another_config_lists_keys_and_shapes(shards, tmp_path):
     assert msg.count("  shape: ") == min(20, sum(own[k].shape != state[k].shape for k in own if k in state))
 
 
-# ----------------------------------------------------------------------------- interrupted first runs
-
 SMALL_WORLD = dict(seed=3, n2d=(6, 2, 2), n3d=(2, 1, 1), long_side_2d=56, long_side_3d=42)  # 6 shards, 14 samples
 
 
@@ -2160,9 +2070,7 @@ def probe_cfg(tmp_path, data_dir):
 
 
 def test_real_data_interrupted_mid_run_names_the_set_and_the_resume_command(tmp_path):
-    """A preprocessing run stopped after 2 of its 4 shards: every reader (ShardDataset, train.py, bench.py,
-    probe.py) names the data set and the command that resumes it; re-running it keeps the 2 finished shards."""
-    import bench
+    """A run stopped after 2 of 4 shards: every reader names the set and its resume command, which keeps the 2."""
     recs = [_rec(0, 'xray', split='test'), _rec(1, 'xray'), _rec(2, 'xray'), _rec(3, 'ct')]
     cmd = f"python data.py toy --root /raw --out {tmp_path}"
     prep = lambda: data.preprocess_records(recs, _toy_load, tmp_path, 'toy', shard_size=1, workers=1, command=cmd)
@@ -2188,7 +2096,6 @@ def test_real_data_interrupted_mid_run_names_the_set_and_the_resume_command(tmp_
 @pytest.mark.parametrize("script", ["bench", "probe"])
 def test_bench_and_probe_finish_an_interrupted_phantom_world(tmp_path, monkeypatch, script):
     """A phantom world stopped one shard short: bench.py and probe.py finish it (as it was started) and read it whole."""
-    import bench
     world = tmp_path / "world"
     interrupted(lambda: data.make_phantom(world, workers=1, **SMALL_WORLD), 5)
     assert not json.load(open(world / "phantom.json"))["complete"]
@@ -2229,8 +2136,7 @@ data.make_phantom({world!r}, workers=1, **{kw!r})
 
 @pytest.mark.slow
 def test_kill9_during_world_generation_then_train_finishes_the_world_and_trains(tmp_path):
-    """The first run's phantom generation killed -9 after 2 of 6 shards (no train shard yet): train.py finishes
-    the world with the config it was started with and trains."""
+    """Phantom generation killed -9 after 2 of 6 shards: train.py finishes the world as started, and trains."""
     world = tmp_path / "world"
     script = KILL_MID_WORLD.format(repo=REPO, world=str(world), kw=SMALL_WORLD)
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -2243,8 +2149,7 @@ def test_kill9_during_world_generation_then_train_finishes_the_world_and_trains(
 
 @pytest.mark.parametrize("bad", ["runs code", "another config"])
 def test_bad_checkpoint_is_refused_in_seconds_before_any_data(tmp_path, bad):
-    """No world on disk and a checkpoint train.py refuses: it exits non-zero in seconds, with the usual message,
-    and generates nothing (the checkpoint is loaded and matched before any data is made or read)."""
+    """No world on disk and a bad checkpoint: train.py exits in seconds with the usual message, generating nothing."""
     world, out = tmp_path / "world", tmp_path / "out"
     out.mkdir()
     if bad == "runs code":
@@ -2269,8 +2174,6 @@ def test_empty_split_or_modality_names_the_folder_the_request_and_what_it_holds(
     with pytest.raises(ValueError, match=r"split 'train', modality '3d' in its 1 shards; it holds 2d test: 5\."):
         ShardDataset(str(shard_dir / "*_test_*.h5"), split="train", modality="3d")
 
-
-# ----------------------------------------------------------------------------- model inputs: fuzz
 
 FUZZ_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int16, torch.bool)
 
@@ -2305,8 +2208,7 @@ def view_is_valid(v):
 
 
 def test_fuzz_views_embed_or_raise_valueerror():
-    """400 random view lists: each either embeds (one finite row per view) or raises a ValueError
-    naming the first bad view, exactly as the rules above predict; never any other exception."""
+    """400 random view lists: each embeds, or raises the ValueError naming the first bad view the rules predict."""
     rng = np.random.default_rng(8)
     torch.manual_seed(0)
     model = SparseMedicalViT(ModelConfig(dim=48, depth=1, heads=2)).eval()
@@ -2337,58 +2239,9 @@ def test_pack_views_refuses_non_tensors():
             pack_views([torch.zeros(1, 14, 14), bad])
 
 
-# ----------------------------------------------------------------------------- a folder full of problems, end to end
-
-def test_preprocess_folder_of_problems_end_to_end(tmp_path, capsys):
-    """`python data.py folder ...` on X-ray and CT folders full of problems: every bad file is in
-    report.json with its reason, the good ones are in the shards, MONOCHROME1 is inverted."""
-    pytest.importorskip('pydicom'), pytest.importorskip('nibabel'), pytest.importorskip('PIL')
-    xr, ct = str(tmp_path / "xray"), str(tmp_path / "ct")
-    write_picture(f"{xr}/ok.png", radiograph())
-    write_dicom(f"{xr}/mono1.dcm", radiograph(marker=10), PhotometricInterpretation="MONOCHROME1")  # dense block stored LOW
-    write_dicom(f"{xr}/nopixels.dcm", None)
-    rgb = np.repeat(radiograph()[..., None], 3, -1)
-    rgb[..., 0] //= 2
-    write_picture(f"{xr}/colour.png", rgb)
-    write_picture(f"{xr}/dot.png", np.full((1, 1), 9, np.uint8))
-    open(f"{xr}/empty.png", "wb").close()
-    c, aff = canonical_ct(), np.diag([-0.7, -0.6, 1.5, 1])
-    write_nifti(f"{ct}/ok.nii.gz", c.transpose(2, 1, 0), aff)
-    write_nifti(f"{ct}/nan.nii.gz", np.where(c > 500, np.nan, c).astype(np.float32).transpose(2, 1, 0), aff)
-    write_nifti(f"{ct}/oneslice.nii.gz", c[:1].transpose(2, 1, 0), aff)
-    write_series(f"{ct}/gap", c, z=np.array([0, 2.5, 5, 10, 12.5, 15.0]))
-    open(f"{ct}/empty.nii.gz", "wb").close()
-    cases = [(xr, "xray", {"ok.png", "mono1.dcm"}, {"nopixels.dcm": "without pixel data", "colour.png": "RGB",
-                                                     "dot.png": "1-pixel", "empty.png": "zero-byte"}),
-             (ct, "ct", {"ok.nii.gz"}, {"nan.nii.gz": "NaN", "oneslice.nii.gz": "1-pixel", "empty.nii.gz": "zero-byte",
-                                       "gap": "mismatched slice spacing"})]
-    for root, modality, good, bad in cases:
-        out = str(tmp_path / f"shards_{modality}")
-        data.main(["folder", "--root", root, "--out", out, "--modality", modality, "--workers", "1",
-                   "--val_frac", "0", "--test_frac", "0"])
-        rep = json.load(open(os.path.join(out, "report.json")))["folder"]
-        reasons = {os.path.basename(f["file"]): f["reason"] for f in rep["failures"]}
-        assert sorted(reasons) == sorted(bad) and rep["failed"] == len(bad) and rep["written"] == len(good)
-        for name, why in bad.items():
-            assert why in reasons[name], (name, reasons[name])
-        printed = capsys.readouterr().out
-        assert all(f"failed {os.path.join(root, name)}: {reasons[name]}" in printed for name in bad)
-        ds = ShardDataset(out)
-        assert set(ds.id) == good
-    # MONOCHROME1 inverted: its dense block (stored low) is now the brightest part, as in ok.png
-    ds = ShardDataset(str(tmp_path / "shards_xray"))
-    for i in range(len(ds)):
-        img = ds[i]["image"][0]  # (187, 224): the 20 x 24 source scaled by 224 / 24
-        block, background = img[25:60, 35:80].mean(), img[100:, 100:].mean()
-        assert block > 0.9 and background < -0.9, (ds.id[i], block, background)
-
-
-# ----------------------------------------------------------------------------- reproducibility
-
 @pytest.mark.slow  # 3 runs, 42 steps: ~10 s on an idle 2-core CPU, 70 s when shared
 def test_same_seed_same_loss_curve_and_run_recorded(shards, tmp_path, capsys):
-    """Same seed and config on CPU (default deterministic=False): the first 20 logged steps are
-    bit-identical; another seed changes them. Config, git hash, torch and device are recorded."""
+    """Same seed and config on CPU: 20 bit-identical steps, another seed differs; config, git, device recorded."""
     cfg = lambda out, **kw: fast_cfg(shards, str(tmp_path / out), **{**dict(max_iters=20, ckpt_interval=20,
                                                                           deterministic=False), **kw})
     train.main(cfg("a"))
@@ -2617,30 +2470,23 @@ def test_default_world_is_calibrated(tmp_path, request):
 # the code base as a whole
 
 def import_graph(folder):
-    """{module: the project modules it imports} for the .py files of folder, from their syntax trees:
-    imports at the top and inside functions alike."""
-    mods = {f[:-3] for f in os.listdir(folder) if f.endswith(".py")}
-    graph = {}
+    """{module: the project modules it imports, at the top or inside functions} of folder's .py files."""
+    mods, graph = {f[:-3] for f in os.listdir(folder) if f.endswith(".py")}, {}
     for m in mods:
-        tree = ast.parse(open(os.path.join(folder, m + ".py")).read())
-        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        nodes = list(ast.walk(ast.parse(open(os.path.join(folder, m + ".py")).read())))
+        names = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
         graph[m] = {n.split(".")[0] for n in names} & mods - {m}
     return graph
 
 
-def import_cycle(graph):
-    """A chain of imports that leads from a module back to itself, or None."""
-    for m in graph:
-        todo, seen = [[m]], set()
-        while todo:
-            path = todo.pop()
-            for k in graph[path[-1]]:
-                if k == m:
-                    return path + [k]
-                if k not in seen:
-                    seen.add(k)
-                    todo.append(path + [k])
+def import_cycle(graph, path=()):
+    """A chain of imports that leads back into itself, or None (depth first from every module)."""
+    for m in sorted(graph[path[-1]] if path else graph):
+        if m in path:
+            return [*path[path.index(m):], m]
+        if found := import_cycle(graph, (*path, m)):
+            return found
     return None
 
 

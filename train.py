@@ -198,14 +198,12 @@ def main(cfg: dict):
     # --- distributed: torchrun sets RANK; then init must succeed (never two silent independent runs)
     ddp = "RANK" in os.environ
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun keeps one rendezvous TCPStore across restarts and (since torch 2.5) does not prefix keys per
-        # attempt, so restarted ranks can read the dead attempt's addresses and fail to connect (pytorch#135712)
+        # one rendezvous store for all attempts: restarted ranks can read dead addresses (README, Restarts)
         raise RuntimeError("torchrun --max-restarts > 0 shares one rendezvous store across restarts, and restarted "
                            "ranks may then fail to connect. Run it as TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... "
                            "(a fresh store per attempt; see README, Restarts)")
     if ddp:
-        use_cuda = torch.cuda.is_available() and cfg["device"] != "cpu"
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo")
         rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
     else:
         rank, local_rank, world = 0, 0, 1
@@ -264,10 +262,9 @@ def main(cfg: dict):
                           contrast=cfg["view_intensity"][1], noise=cfg["view_intensity"][2])
     model = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else net
     info = run_info(device)
-    print0(f"config: {json.dumps(cfg)}")
-    print0(f"run: {json.dumps(info)} | world size {world} | dtype {dt}")
-    print0(encoder.describe(device, torch.bfloat16 if dt == "bfloat16" else torch.float32))
-    print0(f"head: {sum(p.numel() for p in head.parameters()) / 1e6:.2f}M params ({cfg['objective']})")
+    print0(f"config: {json.dumps(cfg)}\nrun: {json.dumps(info)} | world size {world} | dtype {dt}\n"
+           f"{encoder.describe(device, torch.bfloat16 if dt == 'bfloat16' else torch.float32)}\n"
+           f"head: {sum(p.numel() for p in head.parameters()) / 1e6:.2f}M params ({cfg['objective']})")
 
     # the supervised baseline sees only the global views (whole-ish images), LeJEPA all of them
     V = cfg["n_global"] + cfg["n_local"] if cfg["objective"] == "lejepa" else cfg["n_global"]
@@ -280,8 +277,7 @@ def main(cfg: dict):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
     pbar = data.progress(total=cfg["max_iters"], initial=start_step, desc="train") if master else None
-    it = iter(loader)
-    step = start_step
+    it, step = iter(loader), start_step
     t_last, tok_acc, views_acc, steps_acc, skipped = time.time(), 0, 0, 0, 0
     end = min(cfg["max_iters"], cfg["stop_at"] or cfg["max_iters"])
     while step < end:

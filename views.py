@@ -6,6 +6,7 @@ augment(packed, aug) to the packed int8 crops. The choices and their tests: DATA
 
 import dataclasses
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -14,23 +15,18 @@ import torch.nn.functional as F
 from pack import PATCH, Q, Packed
 
 NOISE_SIZE = 1 << 22  # standard normals in the fixed noise table (16 MB), see augment
-_NOISE = {}  # device -> that table, made on first use there
 
 
+@lru_cache(maxsize=None)  # made once per device, on first use there
 def noise_table(device) -> torch.Tensor:
     """The fixed table of NOISE_SIZE standard normals on `device` (the same numbers everywhere)."""
-    if str(device) not in _NOISE:
-        t = np.random.default_rng(12345).standard_normal(NOISE_SIZE, dtype=np.float32)
-        _NOISE[str(device)] = torch.from_numpy(t).to(device)
-    return _NOISE[str(device)]
+    return torch.from_numpy(np.random.default_rng(12345).standard_normal(NOISE_SIZE, dtype=np.float32)).to(device)
 
 
 class MultiCrop:
-    """V_g global + V_l local crops of an image (1, H, W) or volume (1, Z, H, W), global first, 2D and 3D alike:
-    a `scale` fraction of the area or volume, sides stretched within `aspect` and snapped to whole patches
-    (redrawn up to `tries` times if that leaves the range), no resize. Drawn PER VIEW, so crop-invariance
-    cannot reward them: contrast, brightness, noise (applied by augment) and zoom (off by default: a region
-    of size / z resampled). No flips: chest anatomy is lateralised (a flipped chest is dextrocardia)."""
+    """V_g global + V_l local crops of an image (1, H, W) or volume (1, Z, H, W), global first: a `scale` fraction,
+    sides within `aspect`, snapped to whole patches, no resize; contrast, brightness, noise and zoom drawn
+    PER VIEW. No flips: chest anatomy is lateralised. Details: DATA.md, "Views"."""
 
     def __init__(self, n_global=2, n_local=8, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
                  aspect=(3 / 4, 4 / 3), patch=PATCH, brightness=0.1, contrast=0.2, noise=0.02, zoom=(1.0, 1.0),
