@@ -184,16 +184,15 @@ def main(cfg):
     opt = torch.optim.AdamW([*enc.parameters(), *proj.parameters()], lr=1e-4, weight_decay=0.05)
     packed, V = reference_batch(ds2d, ds3d, cfg["samples_2d"], cfg["samples_3d"], crop, cfg["seed"], dev)
     B = cfg["samples_2d"] + cfg["samples_3d"]
-    print(f"{enc.describe(dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)}")
-    print(f"reference batch: {cfg['samples_2d']} 2D + {cfg['samples_3d']} 3D samples x {V} views = {packed.num_views} views, "
+    print(f"{enc.describe(dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)}\nreference batch: "
+          f"{cfg['samples_2d']} 2D + {cfg['samples_3d']} 3D samples x {V} views = {packed.num_views} views, "
           f"{packed.num_tokens} tokens, views of {min(packed.seqlens)}-{packed.max_seqlen} tokens")
 
     t_packed = median_time(lambda: lejepa_step(enc, proj, opt, packed, B, V, amp), cfg["reps"], sync)
     t_padded = median_time(lambda: lejepa_step(enc, proj, opt, packed, B, V, amp, padded_encoder_forward), cfg["reps"], sync)
     proj_params = sum(p.numel() for p in proj.parameters())
-    f_packed = step_flops(mcfg, packed.seqlens, proj_params)
-    f_padded = step_flops(mcfg, [packed.max_seqlen] * packed.num_views, proj_params)
-    ideal, speedup = f_padded / f_packed, t_padded / t_packed
+    ideal = step_flops(mcfg, [packed.max_seqlen] * packed.num_views, proj_params) / step_flops(mcfg, packed.seqlens, proj_params)
+    speedup = t_padded / t_packed
     out.update(tokens=packed.num_tokens, padded_tokens=packed.max_seqlen * packed.num_views,
                step_s_packed=t_packed, step_s_padded=t_padded, ideal_ratio=ideal, speedup=speedup,
                efficiency=speedup / ideal, tok_s_packed=packed.num_tokens / t_packed,
@@ -204,8 +203,7 @@ def main(cfg):
           f"{out['padded_tokens']} tokens computed\n"
           f"   ideal_ratio {ideal:.2f}  speedup {speedup:.2f}  efficiency {speedup / ideal:.2f}")
 
-    # 2. scaling with the batch, and where the time goes
-    print("\n2. scaling")
+    print("\n2. scaling")  # with the batch, and where the time goes
     out["scaling"] = []
     for mult in (1, 2, 4):
         pk, _ = reference_batch(ds2d, ds3d, cfg["samples_2d"] * mult, cfg["samples_3d"] * mult, crop, cfg["seed"] + mult, dev)

@@ -44,7 +44,7 @@ class _CosSinSums(torch.autograd.Function):
         return gx.squeeze(-1), None
 
 
-def _ecf(x: torch.Tensor, t: torch.Tensor, n_global: int | None):
+def _ecf(x: torch.Tensor, t: torch.Tensor):
     """Empirical characteristic function of each column of x (N, M) at knots t (T,): the means of
     cos(t x) and sin(t x) over the GLOBAL batch, (M, T) each, and the global sample count (a tensor)."""
     sums = _CosSinSums.apply(x.t(), t)  # (2, M, T)
@@ -54,21 +54,14 @@ def _ecf(x: torch.Tensor, t: torch.Tensor, n_global: int | None):
         # silently give the local statistic); its backward sums the gradient over ranks, world_size times the
         # single-process one, which DDP's gradient averaging divides out again: exact parameter gradients.
         sums = dist_nn.all_reduce(sums, op=dist.ReduceOp.SUM)
-        if n_global is None:  # count across ranks, so unequal per-rank batches are exact too
-            dist.all_reduce(n)  # collective; no gradient flows through a count
-    if n_global is not None:
-        n = torch.full_like(n, float(n_global))
+        dist.all_reduce(n)  # collective: counted across ranks, so unequal per-rank batches are exact too
     cos_mean, sin_mean = sums / n  # (M, T) each: the sum over all ranks / global N = the global mean
     return cos_mean, sin_mean, n
 
 
-def epps_pulley(x: torch.Tensor, n_global: int | None = None) -> torch.Tensor:
+def epps_pulley(x: torch.Tensor) -> torch.Tensor:
     """EP = N * integral_R |phi_N(t) - exp(-t^2/2)|^2 * exp(-t^2/2) dt, phi_N(t) = mean_j exp(i t x_j), of each
-    column of x (N, M) against N(0, 1), fp32 -> (M,). Under a process group x is this rank's share and EP that
-    of the batch over all ranks, whose count n_global is counted in a collective unless given."""
-    if not (dist.is_available() and dist.is_initialized()) and n_global not in (None, x.shape[0]):
-        raise ValueError(f"lejepa.epps_pulley: n_global={n_global} but x has {x.shape[0]} rows and there is "
-                         f"no process group; pass n_global=None in a single process")
+    column of x (N, M) against N(0, 1), fp32 -> (M,); under a process group, of the batch over all ranks."""
     with torch.autocast(x.device.type, enabled=False):
         x = x.float()
         t = torch.linspace(0.0, T_MAX, N_KNOTS, device=x.device)  # (T,)
@@ -78,7 +71,7 @@ def epps_pulley(x: torch.Tensor, n_global: int | None = None) -> torch.Tensor:
         h = T_MAX / (N_KNOTS - 1)
         w = torch.full_like(t, 2 * h)
         w[0] = w[-1] = h
-        cos_mean, sin_mean, n = _ecf(x, t, n_global)
+        cos_mean, sin_mean, n = _ecf(x, t)
         err = (cos_mean - gauss) ** 2 + sin_mean ** 2  # (M, T) |phi_N(t) - phi(t)|^2
         return n * (err @ (w * gauss))  # (M,)
 

@@ -182,8 +182,7 @@ def pool_views(x: torch.Tensor, packed: Packed) -> torch.Tensor:
     return sums / counts
 
 
-# -----------------------------------------------------------------------------
-# attention within each view
+# ----------------------------------------------------------------------------- attention within each view
 
 def attention_path(device: torch.device, dtype: torch.dtype) -> str:
     """Which kernel varlen_attention uses for tensors on `device` of `dtype`."""

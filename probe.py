@@ -61,8 +61,7 @@ FLOOR_GRID = {"2d": (16, 16), "3d": (8, 8, 8)}
 FLOOR_C, FLOOR_ITER = (1e-4, 1e-3, 1e-2, 0.1, 1.0), 5000
 
 
-# -----------------------------------------------------------------------------
-# metrics
+# ----------------------------------------------------------------------------- metrics
 
 def _auroc_groups(g, y, w):
     """AUROC from precomputed tie groups g (sample -> rank of its distinct score)."""
@@ -102,8 +101,7 @@ def bootstrap_ci(y, s, patients, n_boot=1000, seed=0, level=0.95):
     return tuple(float(v) for v in np.nanpercentile(macros, [tail, 100 - tail]))
 
 
-# -----------------------------------------------------------------------------
-# linear probe
+# ----------------------------------------------------------------------------- linear probe
 
 def fit_probe(xtr, ytr, xva, yva, Cs=Cs, max_iter=max_iter):
     """(scaler, [classifier or None per finding]): standardised features, NaN labels left out, C by val AUROC."""
@@ -158,8 +156,7 @@ def format_table(rows, labels) -> str:
     return "\n".join(out)
 
 
-# -----------------------------------------------------------------------------
-# features
+# ----------------------------------------------------------------------------- features
 
 def whole_view(image, patch: int) -> torch.Tensor:
     """The whole sample as one float view, padded to whole patches as the probe's batches (data.pad_to_patches)."""
@@ -207,8 +204,7 @@ def cached(cache_path: str, encoder: str, ckpt_tag: str, key: str, compute) -> d
     return feats
 
 
-# -----------------------------------------------------------------------------
-# figures (matplotlib is optional: write_figures skips them with a message when it is missing)
+# ----------------------------------------------------------------------------- figures (matplotlib optional)
 
 def fig_pca_lr(x2, y2, x3, y3, labels, path, title, n_pc=16):
     """Figure 2a: LR coefficients on the joint features' first n_pc whitened PCs, fit on 2D, 3D and both (a
@@ -274,8 +270,7 @@ def fig_pca_maps(models, images, path, patch):
     plt.close(fig)
 
 
-# -----------------------------------------------------------------------------
-# test sets on disk, and the run
+# ----------------------------------------------------------------------------- test sets on disk, and the run
 
 def find_sets(folder: str, external: bool) -> dict:
     """{prefix-modality: set} of folder's shards: prefix, modality, external, per split a glob and a fingerprint

@@ -136,8 +136,7 @@ class Net(nn.Module):
         self.encoder, self.head = encoder, head
 
     def forward(self, packed):
-        emb = self.encoder(packed)  # (N, dim) backbone embedding per view
-        return emb, self.head(emb)
+        return self.head(self.encoder(packed))  # the head of each view's backbone embedding
 
 
 def run_info(device) -> dict:
@@ -297,7 +296,7 @@ def main(cfg: dict):
             packed = views.augment(packed.to(device, non_blocking=True), aug)  # int8 -> augmented floats, on device
             sync = m == len(micro) - 1  # average gradients across ranks only on the last micro-batch
             with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
-                emb, out = model(packed)
+                out = model(packed)
                 z = out.float().view(b - a, V, -1).transpose(0, 1)  # sample-major views -> (V, b, K), global first
                 if cfg["objective"] == "lejepa":
                     loss, pred, sig = lejepa_loss(z, n_global=cfg["n_global"], lam=cfg["lam"],
