@@ -140,8 +140,7 @@ def records_chexpert(root):
 
 
 def records_ctrate(root, val_frac=VAL_FRAC):
-    """CT-RATE (its dataset/ folder): train split by patient hash, valid the test set; the original folders'
-    placeholder headers give way to the metadata CSV and CTRATE_AXES, *_fixed ones are read as they are."""
+    """CT-RATE's dataset/ folder: train split by patient hash, valid the test set (headers: DATA.md, pitfalls)."""
     _glob(root, '*_predicted_labels.csv', required=True)  # fail early, with the layout hint
     recs = []
     for folder, meta_csv, lab_csv in (('train', 'train_metadata.csv', 'train_predicted_labels.csv'),
@@ -194,8 +193,7 @@ def records_radchest(root):
 
 
 def records_folder(root, modality='xray', labels=None, val_frac=VAL_FRAC, test_frac=TEST_FRAC):
-    """Any folder: every file a radiograph (xray), or every NIfTI file and DICOM folder a volume (ct), with an
-    optional labels CSV (path, label columns, patient_id, split); else each file its own patient."""
+    """Any folder of radiographs (xray) or of NIfTI files and DICOM series (ct), with an optional labels CSV."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f'--root {root} is not a folder')
     two_d, items = modality == 'xray', []

@@ -127,8 +127,7 @@ def preprocess_xray(img, long_side: int = LONG_SIDE['2d']) -> np.ndarray:
 
 
 def preprocess_ct(hu, spacing_zyx, long_side: int = LONG_SIDE['3d']) -> np.ndarray:
-    """HU volume (Z, H, W), canonical, spacing mm -> float32 (1, Z', H', W') in [-1, 1]; windowed before
-    resampling, so a 3000 HU metal voxel cannot brighten its neighbours."""
+    """HU volume (Z, H, W), spacing mm -> float32 (1, Z', H', W') in [-1, 1], windowed first (metal stays local)."""
     return _sample(resample_ct(hu_to_unit(_checked(hu, 3)), spacing_zyx, long_side), 'volume', long_side)  # (1, Z, H, W)
 
 
@@ -139,8 +138,7 @@ def _quantise(x: np.ndarray) -> np.ndarray:
 
 
 def write_shard(path, samples: list, meta: dict | None = None):
-    """Samples (dicts: image float32 in [-1, 1] or int8, labels, STR_KEYS, optional spacing) to one shard, via
-    path.tmp and a rename (never half-written)."""
+    """Samples (image float32 or int8, labels, STR_KEYS, spacing) to one shard, via path.tmp and a rename."""
     n = len(samples)
     imgs = [s['image'] if s['image'].dtype == np.int8 else _quantise(s['image']) for s in samples]
     shape = np.array([(1,) + im.shape[1:] if im.ndim == 3 else im.shape[1:] for im in imgs], np.int32).reshape(n, 3)
@@ -222,8 +220,7 @@ def _find_shards(path_or_glob) -> list:
 
 
 def check_complete(path_or_glob):
-    """ShardError if a data set read here (a folder: any in it) has "complete": false in report.json: its
-    preprocessing run is under way or was interrupted."""
+    """ShardError if a data set read here has "complete": false in report.json (its run was interrupted)."""
     p = str(path_or_glob)
     picked = [(p, None)] if os.path.isdir(p) else [os.path.split(os.path.abspath(f)) for f in _find_shards(p)]
     for folder, name in picked:  # name None: the whole folder is read
@@ -458,8 +455,7 @@ def _epoch(n: int, seed: int, modality_id: int, e: int) -> np.ndarray:
 
 
 def stream_index(n: int, seed: int, modality_id: int, k: int) -> int:
-    """Sample at position k of an endless stream over n samples: epoch k // n is a permutation seeded by
-    (seed, modality, epoch), so every sample is seen once per epoch. Pure function of its arguments."""
+    """Sample at position k of an endless stream over n: each epoch k // n a permutation seeded by its number."""
     return int(_epoch(n, seed, modality_id, k // n)[k % n])
 
 
@@ -477,8 +473,7 @@ def split_micro(tokens_per_sample: list, n_micro: int) -> list:
 
 
 def micro_batches(batch: dict, n: int = 0) -> list:
-    """[(Packed, aug, (a, b))] of a batch's micro-batches, as views; the largest halved until there are n, since
-    every rank must run as many as the rank that needs most (SIGReg all-reduces in each)."""
+    """[(Packed, aug, (a, b))] micro-batches as views, the largest halved until there are n (as many as any rank)."""
     pk, V, cuts = batch['packed'], batch['views_per_sample'], [tuple(c) for c in batch['micro']]
     toks = [sum(pk.seqlens[i * V:(i + 1) * V]) for i in range(len(batch['id']))]
     while len(cuts) < n:
@@ -592,8 +587,7 @@ def iterate_whole(ds: 'ShardDataset', token_budget: int, rank: int = 0, world_si
 # ----------------------------------------------------------------------------- the phantom world (phantom.py)
 
 def make_phantom(out_dir, workers=None, **config):
-    """The phantom world into out_dir through preprocess_records. config (seed, n2d, n3d, long_side_2d/3d) not
-    given: as phantom.json recorded it (an interrupted world is finished as started), else phantom.py's."""
+    """The phantom world into out_dir; config not given is as phantom.json recorded it, else phantom.py's."""
     marker = os.path.join(out_dir, 'phantom.json')
     done = _read_json(marker)
     cfg = dict(seed=0, n2d=list(phantom.N2D), n3d=list(phantom.N3D), long_side_2d=phantom.LONG_SIDE_2D,
@@ -624,8 +618,7 @@ def make_phantom(out_dir, workers=None, **config):
 
 
 def ensure_phantom(data_dir, workers=None):
-    """What the scripts do first: make the phantom world in data_dir if it holds no shards and no other data set's
-    report, or finish one whose generation was interrupted (phantom.json "complete": false)."""
+    """The scripts' first step: the phantom world in an empty data_dir, or finished if it was interrupted."""
     interrupted = _read_json(os.path.join(data_dir, 'phantom.json')).get('complete') is False
     if not interrupted and (_find_shards(data_dir) or _read_report(data_dir)):
         return

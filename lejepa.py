@@ -45,8 +45,7 @@ class _CosSinSums(torch.autograd.Function):
 
 
 def _ecf(x: torch.Tensor, t: torch.Tensor):
-    """Empirical characteristic function of each column of x (N, M) at knots t (T,): the means of
-    cos(t x) and sin(t x) over the GLOBAL batch, (M, T) each, and the global sample count (a tensor)."""
+    """Means of cos(t x) and sin(t x) per column of x (N, M) over the GLOBAL batch, (M, T) each, and its N."""
     sums = _CosSinSums.apply(x.t(), t)  # (2, M, T)
     n = torch.tensor(float(x.shape[0]), device=x.device)
     if dist.is_available() and dist.is_initialized():
@@ -77,8 +76,7 @@ def epps_pulley(x: torch.Tensor) -> torch.Tensor:
 
 
 def random_directions(dim: int, num_slices: int, step: int, device=None) -> torch.Tensor:
-    """(dim, num_slices) unit columns, a function of `step` alone (drawn on the CPU in fp32): the same on every
-    rank and device, and a resumed run draws what the uninterrupted one would have."""
+    """(dim, num_slices) unit columns from `step` alone (CPU, fp32): the same on every rank, device and resume."""
     g = torch.Generator(device="cpu").manual_seed(int(step))
     a = torch.randn(dim, num_slices, generator=g)  # (K, M)
     # guard a zero-norm column: 0/0 would be NaN (a failure seen with bf16 directions elsewhere)
@@ -87,8 +85,7 @@ def random_directions(dim: int, num_slices: int, step: int, device=None) -> torc
 
 
 def sigreg(z: torch.Tensor, num_slices: int = NUM_SLICES, step: int = 0) -> torch.Tensor:
-    """SIGReg: the mean Epps-Pulley statistic of z (N, K) over `num_slices` random unit directions, in fp32;
-    of z (V, N, K), SIGReg per view averaged over views, in one quadrature (and one collective)."""
+    """Mean Epps-Pulley statistic of z (N, K), or per view of z (V, N, K), over random unit directions, in fp32."""
     views = z if z.dim() == 3 else z.unsqueeze(0)  # (V, N, K)
     V, N, K = views.shape
     with torch.autocast(z.device.type, enabled=False):  # the projection too: bf16 would round x to 3 digits

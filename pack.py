@@ -128,8 +128,7 @@ def pack_views(views, patch: int = PATCH, in_chans: int = 1, alpha: float = 128.
 
 
 def pack_arrays(views, patch: int = PATCH, alpha: float = 128.0, share: bool = False) -> Packed:
-    """pack_views for numpy views of valid shapes, all float32 or all int8 (q = 127 x, as a loader worker ships
-    them), each copied once into its rows of the patch buffers, in shared memory if share (no copy to hand over)."""
+    """pack_views for valid numpy views, float32 or int8, each copied once; in shared memory if share (workers)."""
     C, dtype = views[0].shape[0], torch.from_numpy(views[0][:0]).dtype
     assert all(torch.from_numpy(v[:0]).dtype == dtype for v in views), "pack_arrays: views of mixed dtypes"
     grids = [grid_of(v.shape, patch) for v in views]
@@ -163,8 +162,7 @@ def _view_meta(seqlens) -> tuple:
 
 
 def length_groups(seqlens):
-    """Tokens ordered so that views of equal length sit together, for one batched SDPA call per length on the
-    exact path (crops snap to whole patches: hundreds of views have tens of lengths). See _groups."""
+    """Views of equal length together: one SDPA call per length (patch-snapped crops have few lengths)."""
     starts = [0, *accumulate(seqlens)]
     order = sorted(range(len(seqlens)), key=lambda i: seqlens[i])
     return _groups(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]), seqlens)

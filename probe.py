@@ -207,8 +207,7 @@ def cached(cache_path: str, encoder: str, ckpt_tag: str, key: str, compute) -> d
 # ----------------------------------------------------------------------------- figures (matplotlib optional)
 
 def fig_pca_lr(x2, y2, x3, y3, labels, path, title, n_pc=16):
-    """Figure 2a: LR coefficients on the joint features' first n_pc whitened PCs, fit on 2D, 3D and both (a
-    component lit in the 2D and 3D rows alike is shared across modalities)."""
+    """Figure 2a: LR coefficients on the joint features' first whitened PCs, fit on 2D, 3D and both."""
     import matplotlib.pyplot as plt
     parts = [(n, x, y) for n, x, y in (("2D", x2, y2), ("3D", x3, y3)) if len(x)]
     xall = np.concatenate([x for _, x, _ in parts])
@@ -273,8 +272,7 @@ def fig_pca_maps(models, images, path, patch):
 # ----------------------------------------------------------------------------- test sets on disk, and the run
 
 def find_sets(folder: str, external: bool) -> dict:
-    """{prefix-modality: set} of folder's shards: prefix, modality, external, per split a glob and a fingerprint
-    (names, sizes, mtimes: rebuilt shards never reuse cached features)."""
+    """{prefix-modality: set} of folder's shards, per split a glob and a fingerprint (names, sizes, mtimes)."""
     data.check_complete(folder)  # a folder whose preprocessing was interrupted would give numbers on part of a set
     sets = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.h5"))):

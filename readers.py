@@ -122,8 +122,7 @@ def _axes_matrix(codes, spacing):
 
 
 def _reorient(a, m):
-    """A 3D array with axes m (RAS, as _axes_matrix) flipped/transposed to CANONICAL, with its spacing; oblique
-    axes snap to the nearest (no resampling)."""
+    """A 3D array of axes m (RAS) flipped/transposed to CANONICAL, with its spacing; oblique ones snap."""
     ornt = _need('nibabel.orientations')
     aff = np.eye(4)
     aff[:3, :3] = m

@@ -86,8 +86,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 
 
 def configure(defaults: dict, argv: list) -> dict:
-    """nanoGPT-style overrides: config files (python, executed) then --key=value (literal_eval); an unknown
-    key, a value of another type than the default or a tuple of another length is an error."""
+    """nanoGPT-style overrides: config files, then --key=value; unknown keys, types and lengths are errors."""
     cfg = dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
@@ -356,8 +355,7 @@ def main(cfg: dict):
 
 
 def supervised_loss(logits, labels):
-    """Baseline: BCE over the 5 findings on each global view, NaN labels masked. logits (Vg, b, 5), labels
-    (b, 5). Returns (loss, pred=0, bce), to share the logging."""
+    """Baseline: (bce, 0, bce) of logits (Vg, b, 5) against labels (b, 5) on each global view, NaN masked."""
     y, mask = torch.nan_to_num(labels).expand_as(logits), (~torch.isnan(labels)).expand_as(logits).float()
     bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * mask).sum() / mask.sum().clamp(min=1)
     return bce, torch.zeros_like(bce), bce

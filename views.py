@@ -58,8 +58,7 @@ class MultiCrop:
         return tuple(k * p for k in best[1])
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator):
-        """(crops, aug) drawn from rng: crops[v] a sub-block of image in its dtype (int8 or float; float32 if
-        zoom resamples), aug (V, 4) float64 rows (contrast c, brightness b, noise sd, noise row) for augment."""
+        """(crops: sub-blocks of image, in its dtype unless zoomed; aug (V, 4): contrast, brightness, sd, noise row)."""
         spatial = image.shape[1:]  # (H, W) or (Z, H, W)
         zoom = self.log_zoom[1] > self.log_zoom[0]
         if zoom and image.dtype == np.int8:
