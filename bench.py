@@ -131,7 +131,7 @@ def host(cfg, dev, sync) -> dict:
             c = time.thread_time()
             loader.dataset[100 + s]
             cpu_w.append(time.thread_time() - c)
-        t = []  # per batch: times (s) received, received CPU, on the device, its CPU, augmented; bytes moved
+        rows = []  # per batch: times (s) received, received CPU, on the device, its CPU, augmented; bytes moved
         for _ in range(cfg["reps"]):
             time.sleep(2.5 * worker)  # the next batch is ready, as in a loop that keeps up
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -143,11 +143,11 @@ def host(cfg, dev, sync) -> dict:
             for pk, aug in micro:
                 views.augment(pk, aug)
             sync()
-            t.append((t1 - t0, c1 - c0, t2 - t1, c2 - c1, time.perf_counter() - t2,
+            rows.append((t1 - t0, c1 - c0, t2 - t1, c2 - c1, time.perf_counter() - t2,
                       sum(t.nbytes for pk, aug in micro for t in [*vars(pk).values(), *pk.groups[:2], aug]
                           if isinstance(t, torch.Tensor))))  # bytes .to(device) moves
         tokens = sum(pk.num_tokens for pk, _ in micro)
-    recv, recv_cpu, main, main_cpu, prep, nbytes = (statistics.median(col) for col in zip(*t))
+    recv, recv_cpu, main, main_cpu, prep, nbytes = (statistics.median(col) for col in zip(*rows))
     out = dict(host_main_ms=1e3 * main, host_main_cpu_ms=1e3 * main_cpu, host_receive_ms=1e3 * recv,
                host_receive_cpu_ms=1e3 * recv_cpu, host_worker_ms=1e3 * worker,
                host_worker_cpu_ms=1e3 * statistics.median(cpu_w), host_bytes=nbytes, host_device_prep_ms=1e3 * prep,
