@@ -619,7 +619,11 @@ def make_phantom(out_dir, workers=None, **config):
 
 def ensure_phantom(data_dir, workers=None):
     """The scripts' first step: the phantom world in an empty data_dir, or finished if it was interrupted."""
-    interrupted = _read_json(os.path.join(data_dir, 'phantom.json')).get('complete') is False
+    done = _read_json(os.path.join(data_dir, 'phantom.json'))
+    if done.get('complete') and done.get('config', {}).get('version') != phantom.VERSION:
+        raise ValueError(f"{data_dir}: its phantom world is version {done['config'].get('version')}, this code makes "
+                         f"version {phantom.VERSION} (phantom.py changed); delete {data_dir} to regenerate it, or pass another --data_dir")
+    interrupted = done.get('complete') is False
     if not interrupted and (_find_shards(data_dir) or _read_report(data_dir)):
         return
     print(f"{data_dir}: " + ("its phantom world was interrupted (phantom.json: \"complete\": false): finishing it"

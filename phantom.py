@@ -14,7 +14,7 @@ from scipy import ndimage  # scipy comes with scikit-learn
 
 from adapters import LABELS  # ('ATEL', 'CARD', 'CONS', 'LO', 'EFF')
 
-VERSION = 2  # bump when the generator changes: make() refuses to mix versions in one folder
+VERSION = 3  # bump when the generator changes: data.make_phantom refuses to mix versions in one folder
 
 # default sizes: test sets of >= 1000 2D and 500 3D samples give macro-AUROC standard errors ~0.02
 N2D = (2400, 300, 1000)  # (train, val, test) radiographs
@@ -43,7 +43,7 @@ SPACING_3D_Z, SPACING_3D_XY = (2.5, 5.0), (3.8, 5.2)
 SPACING_DRR_XZ, SPACING_DRR_Y = (3.0, 3.6), 7.0
 # radiograph acquisition, per image: a tone curve (detector and vendor processing differ; min-max scaling
 # removes a gain and an offset, not a gamma) and detector noise, both a share of the image's range
-XRAY_GAMMA, XRAY_NOISE = (0.6, 1.6), (0.005, 0.03)
+XRAY_GAMMA, XRAY_NOISE = (0.45, 2.2), (0.005, 0.03)
 
 # finding strengths: the calibration knobs (see README: pixel floor)
 CARD_SCALE = (0.12, 0.32)   # cardiomegaly multiplies heart size by 1 + U(a, b); normal ~ N(1, HEART_SD)

@@ -2456,7 +2456,7 @@ def test_make_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_default_world_is_calibrated(tmp_path, request):
-    """World v2's calibration (RESULTS.md): raw pixels are a floor, not a ceiling: macro <= 0.88 on each
+    """World v3's calibration (RESULTS.md): raw pixels are a floor, not a ceiling: macro <= 0.88 on each
     modality, every finding 0.6-0.95."""
     if 'slow' not in (request.config.option.markexpr or ''):
         pytest.skip('minutes: run with pytest -m slow')
@@ -2496,3 +2496,9 @@ def test_imports_go_one_way():
     assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
     assert not graph["readers"] and graph["adapters"] == {"readers"} and graph["phantom"] == {"adapters"}
     assert {"readers", "adapters", "phantom"} <= graph["data"] and "data" in graph["train"] and "train" in graph["probe"]
+
+
+def test_an_older_phantom_world_is_refused_not_reused(tmp_path):
+    (tmp_path / "phantom.json").write_text(json.dumps(dict(config=dict(version=phantom.VERSION - 1), complete=True)))
+    with pytest.raises(ValueError, match=f"version {phantom.VERSION - 1}.*delete"):
+        data.ensure_phantom(str(tmp_path))
