@@ -2101,20 +2101,22 @@ def test_bench_and_probe_finish_an_interrupted_phantom_world(tmp_path, monkeypat
         ShardDataset(world)
 
     class Reached(Exception):  # the script got past its data: the rest (timings, probes) is not this test's
-        pass
-
-    def stop(*a, **k):
-        raise Reached
+        def __init__(self, *a, **k):
+            raise self
     if script == "bench":
-        monkeypatch.setattr(views, "MultiCrop", stop)
+        monkeypatch.setattr(views, "MultiCrop", Reached)
         run = lambda: bench.main(bench_cfg(world))
     else:
-        monkeypatch.setattr(probe, "embed", stop)
+        monkeypatch.setattr(probe, "embed", Reached)
         run = lambda: probe.main(probe_cfg(tmp_path, world))
     with pytest.raises(Reached):
         run()
     assert json.load(open(world / "phantom.json"))["complete"]
     assert sorted(ShardDataset(world).id) == sorted(r["id"] for r in phantom.records(3, SMALL_WORLD["n2d"], SMALL_WORLD["n3d"]))
+    done = json.load(open(world / "phantom.json"))  # a complete world of an older generator is refused, not reused
+    (world / "phantom.json").write_text(json.dumps(dict(done, config=dict(done["config"], version=phantom.VERSION - 1))))
+    with pytest.raises(ValueError, match=f"version {phantom.VERSION - 1}, this code makes version {phantom.VERSION}.*delete"):
+        data.ensure_phantom(str(world))
 
 
 KILL_MID_WORLD = """
@@ -2496,9 +2498,3 @@ def test_imports_go_one_way():
     assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
     assert not graph["readers"] and graph["adapters"] == {"readers"} and graph["phantom"] == {"adapters"}
     assert {"readers", "adapters", "phantom"} <= graph["data"] and "data" in graph["train"] and "train" in graph["probe"]
-
-
-def test_an_older_phantom_world_is_refused_not_reused(tmp_path):
-    (tmp_path / "phantom.json").write_text(json.dumps(dict(config=dict(version=phantom.VERSION - 1), complete=True)))
-    with pytest.raises(ValueError, match=f"version {phantom.VERSION - 1}.*delete"):
-        data.ensure_phantom(str(tmp_path))
