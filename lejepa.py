@@ -15,13 +15,13 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
 # Trapezoid quadrature of the (even) Epps-Pulley integrand on [0, T_MAX]: 65 knots are exact to 1e-4 up to
-# 10*N(0,1), where LeJEPA's 17 are off by 11% on 3*N(0,1) (README, "The loss")
+# 10*N(0,1), where LeJEPA's 17 are off by 11% on 3*N(0,1) (DESIGN.md, "The loss")
 T_MAX = 5.0
 N_KNOTS = 65
 NUM_SLICES = 1024  # random directions per SIGReg evaluation (LeJEPA's recommendation)
 
 # L_pred is the MEAN over feature dims, as the official LeJEPA code (its lambdas go with it); SIGReg grows
-# with the N samples of one evaluation, so lam/(1-lam) * N sets the balance (README, "The loss")
+# with the N samples of one evaluation, so lam/(1-lam) * N sets the balance (DESIGN.md, "The loss")
 LAM = 0.025
 
 

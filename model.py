@@ -42,7 +42,7 @@ PRESETS = {
 
 
 class PatchEmbed(nn.Module):
-    """Linear projection of cubic P^3 patches; 2D patches with the one weight slice their image meets (README)."""
+    """Linear projection of cubic P^3 patches; 2D patches with the one weight slice their image meets (DESIGN.md)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -145,7 +145,7 @@ class SparseMedicalViT(nn.Module):
     def forward(self, views_or_packed) -> torch.Tensor:
         """One embedding per view, in input order: (N, dim)."""
         x, packed = self.forward_tokens(views_or_packed)
-        # the mean of the view's tokens: a CLS token has no place in the 3D RoPE grid (README, pooling)
+        # the mean of the view's tokens: a CLS token has no place in the 3D RoPE grid (DESIGN.md, pooling)
         return pool_views(x, packed)
 
     def describe(self, device, dtype) -> str:

@@ -1,5 +1,5 @@
 """
-The phantom chest world: a labelled synthetic 2D + 3D data set that needs no download (README, "The phantom
+The phantom chest world: a labelled synthetic 2D + 3D data set that needs no download (DATA.md, "The phantom
 world"; its calibration: RESULTS.md). Records and raw images only; data.make_phantom sends them through the
 real-data path into shards (python data.py phantom --out data/phantom; the scripts do it on first use).
 
@@ -45,7 +45,7 @@ SPACING_DRR_XZ, SPACING_DRR_Y = (3.0, 3.6), 7.0
 # removes a gain and an offset, not a gamma) and detector noise, both a share of the image's range
 XRAY_GAMMA, XRAY_NOISE = (0.45, 2.2), (0.005, 0.03)
 
-# finding strengths: the calibration knobs (see README: pixel floor)
+# finding strengths: the calibration knobs (DATA.md, "The phantom world")
 CARD_SCALE = (0.12, 0.32)   # cardiomegaly multiplies heart size by 1 + U(a, b); normal ~ N(1, HEART_SD)
 HEART_SD, HEART_SHAPE_SD = 0.06, 0.08  # normal size; independent per-axis shape factors
 EFF_HEIGHT = (8.0, 32.0)    # fluid depth on the hemidiaphragm (posterior-lateral), mm

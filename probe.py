@@ -1,6 +1,6 @@
 """
 Frozen-feature evaluation (paper section 3, Tables 1-3, Figure 2): linear probes, AUROC with patient-
-bootstrap confidence intervals, the tables and the PCA figures; the protocol: README, "Evaluation".
+bootstrap confidence intervals, the tables and the PCA figures; the protocol: DESIGN.md, "Evaluation".
 
     python probe.py --ckpt=out/ckpt.pt                      # phantom world (train.py's default data)
     python probe.py --ckpt=out/stage3/ckpt.pt --supervised=out/supervised/ckpt.pt --external_dir=data/external
@@ -108,7 +108,7 @@ def fit_probe(xtr, ytr, xva, yva, Cs=Cs, max_iter=max_iter):
     scaler = StandardScaler().fit(xtr)
     ztr, zva = scaler.transform(xtr), scaler.transform(xva)
     clfs = []
-    # one BLAS thread: multi-threaded on these small matrices was 5-25x slower (README, Cost); warnings:
+    # one BLAS thread: multi-threaded on these small matrices was 5-25x slower (RESULTS.md, "Cost of the probe"); warnings:
     # lbfgs hitting max_iter at large C, which the val score judges
     with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1809,7 +1809,7 @@ def torchrun_with_a_killed_rank(shards, tmp_path, restarts, share_store=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            f"--max-restarts={restarts}", str(tmp_path / "kill_rank.py"), *(f"--{k}={v}" for k, v in args.items())]
     env = dict(os.environ, KILL_MARKER=str(tmp_path / "killed"), KILL_STEP="3", OMP_NUM_THREADS="1",
-               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0" if share_store else "1")  # README, Restarts
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0" if share_store else "1")  # DESIGN.md, Restarts
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     if not share_store:
         assert (tmp_path / "killed").exists(), r.stderr[-3000:]  # rank 1 did die

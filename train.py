@@ -196,10 +196,10 @@ def main(cfg: dict):
     # --- distributed: torchrun sets RANK; then init must succeed (never two silent independent runs)
     ddp = "RANK" in os.environ
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # one rendezvous store for all attempts: restarted ranks can read dead addresses (README, Restarts)
+        # one rendezvous store for all attempts: restarted ranks can read dead addresses (DESIGN.md, Restarts)
         raise RuntimeError("torchrun --max-restarts > 0 shares one rendezvous store across restarts, and restarted "
                            "ranks may then fail to connect. Run it as TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... "
-                           "(a fresh store per attempt; see README, Restarts)")
+                           "(a fresh store per attempt; see DESIGN.md, Restarts)")
     if ddp:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo")
         rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
@@ -232,7 +232,7 @@ def main(cfg: dict):
                             lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
     start_step = 0
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if cfg["init_from"] == "auto":  # a restarted torchrun worker picks up the last checkpoint (README)
+    if cfg["init_from"] == "auto":  # a restarted torchrun worker picks up the last checkpoint (DESIGN.md, Restarts)
         cfg = dict(cfg, init_from="resume" if os.path.exists(ckpt_path) else "scratch")
         print0(f"init_from='auto': {cfg['init_from']} ({ckpt_path} {'found' if os.path.exists(ckpt_path) else 'absent'})")
     if cfg["init_from"] != "scratch":
