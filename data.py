@@ -596,7 +596,7 @@ def make_phantom(out_dir, workers=None, **config):
     cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}, version=phantom.VERSION)
     if done and done['config'] != cfg:
         raise ValueError(f"{marker}: this folder holds a phantom world made with {done['config']}, not "
-                         f"{cfg}; delete {out_dir} or pass another --out")
+                         f"{cfg}; delete {out_dir} or use another folder (--out, --data_dir)")
     if done.get('complete'):
         print(f"phantom world in {out_dir} is complete ({marker}): skipping")
         return done
@@ -620,9 +620,8 @@ def make_phantom(out_dir, workers=None, **config):
 def ensure_phantom(data_dir, workers=None):
     """The scripts' first step: the phantom world in an empty data_dir, or finished if it was interrupted."""
     done = _read_json(os.path.join(data_dir, 'phantom.json'))
-    if done.get('complete') and done.get('config', {}).get('version') != phantom.VERSION:
-        raise ValueError(f"{data_dir}: its phantom world is version {done['config'].get('version')}, this code makes "
-                         f"version {phantom.VERSION} (phantom.py changed); delete {data_dir} to regenerate it, or pass another --data_dir")
+    if done.get('complete'):  # make_phantom skips it, or refuses it if made otherwise (an older phantom.VERSION)
+        return make_phantom(data_dir, workers=workers)
     interrupted = done.get('complete') is False
     if not interrupted and (_find_shards(data_dir) or _read_report(data_dir)):
         return
