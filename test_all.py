@@ -1680,7 +1680,7 @@ def test_feature_cache_keys_and_staleness(tmp_path):
 # against the bootstrap CI half-width of the difference.
 LEARN_WORLD = dict(n2d=(200, 50, 50), n3d=(400, 100, 300))
 LEARN_CFG = dict(batch_2d=4, batch_3d=16, max_iters=200, warmup_iters=10)
-LEARN_MARGIN = 0.03
+LEARN_MARGIN = 0.05
 
 
 def learning_gain(tmp_path, **train_kw):
