@@ -89,9 +89,8 @@ def _hash_split(key, val_frac, test_frac=0.0):
 
 def _record(id, patient_id, study_id, split, labels, modality, path, error=None, **extra):
     """A record; `error` makes its loader raise BadInput(error), so the report counts it."""
-    rec = dict(id=str(id), patient_id=str(patient_id), study_id=str(study_id), split=split,
-               labels=np.full(len(LABELS), np.nan, np.float32) if labels is None else labels,
-               modality=modality, path=path, **extra)
+    rec = dict(id=str(id), patient_id=str(patient_id), study_id=str(study_id), split=split, modality=modality,
+               labels=np.full(len(LABELS), np.nan, np.float32) if labels is None else labels, path=path, **extra)
     return dict(rec, error=error) if error else rec
 
 

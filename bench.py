@@ -50,12 +50,8 @@ def padded_encoder_forward(enc: SparseMedicalViT, packed):
     H, Dh = cfg.heads, cfg.dim // cfg.heads
     x = enc.patch_embed(packed)  # (S, D), identical in both variants
     pos = torch.arange(packed.num_tokens, device=x.device) - packed.cu_seqlens[:-1].long()[packed.view_ids]
-    valid = torch.zeros(N, L, dtype=torch.bool, device=x.device)
-    valid[packed.view_ids, pos] = True                                              # (N, L)
-    xp = x.new_zeros(N, L, cfg.dim)
-    xp[packed.view_ids, pos] = x                                                    # (N, L, D)
-    coords = packed.coords.new_zeros(N, L, 3)
-    coords[packed.view_ids, pos] = packed.coords
+    pad = lambda t: t.new_zeros(N, L, *t.shape[1:]).index_put_((packed.view_ids, pos), t)  # (S, ...) -> (N, L, ...)
+    valid, xp, coords = pad(torch.ones_like(pos, dtype=torch.bool)), pad(x), pad(packed.coords)  # (N, L), (N, L, D)
     cos, sin = rope_cos_sin(coords.view(N * L, 3), Dh, cfg.rope_base)
     mask = valid[:, None, None, :]                                                  # (N, 1, 1, L) keys
     for b in enc.blocks:
@@ -105,10 +101,7 @@ def reference_batch(ds2d, ds3d, n2d, n3d, crop, seed, dev):
 
 
 def host(cfg, dev, sync) -> dict:
-    """5. The host at the paper's per-rank share (2 GPUs: 96 2D + 32 3D samples, 10 views) on synthetic int8
-    images at paper sizes in real shards: a worker building steps back to back (host_worker_ms); with the
-    next batch ready, the training process receiving it (host_receive_ms: unpickling, freeing the last one),
-    cutting and moving its micro-batches (host_main_ms), and augment() on the device (host_device_prep_ms)."""
+    """5. The host at the paper's per-rank share (synthetic int8 images, paper sizes): worker and main-process times."""
     import tempfile
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,8 +142,8 @@ def host(cfg, dev, sync) -> dict:
         tokens = sum(pk.num_tokens for pk, _ in micro)
     recv, recv_cpu, main, main_cpu, prep, nbytes = (statistics.median(col) for col in zip(*rows))
     out = dict(host_main_ms=1e3 * main, host_main_cpu_ms=1e3 * main_cpu, host_receive_ms=1e3 * recv,
-               host_receive_cpu_ms=1e3 * recv_cpu, host_worker_ms=1e3 * worker,
-               host_worker_cpu_ms=1e3 * statistics.median(cpu_w), host_bytes=nbytes, host_device_prep_ms=1e3 * prep,
+               host_receive_cpu_ms=1e3 * recv_cpu, host_worker_ms=1e3 * worker, host_bytes=nbytes,
+               host_worker_cpu_ms=1e3 * statistics.median(cpu_w), host_device_prep_ms=1e3 * prep,
                host_gpu_step_ms=cfg["gpu_step_ms"], host_micro_batches=len(micro), host_tokens=tokens,
                host_workers_per_gpu=math.ceil(1e3 * worker / cfg["gpu_step_ms"]), load_avg=os.getloadavg()[0])
     print(f"\n5. host at the paper's per-rank share: {cfg['host_2d']} 2D (224x182) + {cfg['host_3d']} 3D (84x112x98) "
@@ -193,10 +186,9 @@ def main(cfg):
     proj_params = sum(p.numel() for p in proj.parameters())
     ideal = step_flops(mcfg, [packed.max_seqlen] * packed.num_views, proj_params) / step_flops(mcfg, packed.seqlens, proj_params)
     speedup = t_padded / t_packed
-    out.update(tokens=packed.num_tokens, padded_tokens=packed.max_seqlen * packed.num_views,
-               step_s_packed=t_packed, step_s_padded=t_padded, ideal_ratio=ideal, speedup=speedup,
-               efficiency=speedup / ideal, tok_s_packed=packed.num_tokens / t_packed,
-               tok_s_padded=packed.num_tokens / t_padded)
+    out.update(tokens=packed.num_tokens, padded_tokens=packed.max_seqlen * packed.num_views, step_s_packed=t_packed,
+               step_s_padded=t_padded, ideal_ratio=ideal, speedup=speedup, efficiency=speedup / ideal,
+               tok_s_packed=packed.num_tokens / t_packed, tok_s_padded=packed.num_tokens / t_padded)
     print(f"\n1. packed vs padded (full LeJEPA step, median of {cfg['reps']})\n"
           f"   packed {t_packed * 1e3:8.1f} ms  {out['tok_s_packed'] / 1e3:7.1f}k tok/s\n"
           f"   padded {t_padded * 1e3:8.1f} ms  {out['tok_s_padded'] / 1e3:7.1f}k tok/s (real tokens)  "

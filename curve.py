@@ -1,11 +1,10 @@
 """
-Probe macro AUROC against training step: the README's learning-curve figure.
+Probe macro AUROC against training step: the README's learning-curve figure. Each ckpt_<step>.pt goes through
+probe.main, own-modality probes; step 0 is the first run's random init.
 
     torchrun --standalone --nproc_per_node 2 train.py --ckpt_keep=True --ckpt_interval=150
     torchrun --standalone --nproc_per_node 2 train.py --objective=supervised --out_dir=out/sup --ckpt_keep=True --ckpt_interval=150
     python curve.py out out/sup        # -> assets/learning_curve.png and out/curve.json
-
-Each ckpt_<step>.pt goes through probe.main, own-modality probes; step 0 is the first run's random init.
 """
 
 import glob

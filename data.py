@@ -5,8 +5,7 @@ shards -> the mixed 2D/3D stream of cropped, packed steps. Formats, measurements
     preprocess_records(records, load_fn, out_dir, prefix)   parallel load + preprocess -> shards + report.json
     make_phantom(out_dir), ensure_phantom(data_dir)         the phantom world, through that same path
     ShardDataset(path_or_glob, split, modality)             lazy reader, item = dict(image, labels, ...)
-    make_loader(ds2d, ds3d, b2d, b3d, ...)   the stream: a DataLoader worker reads int8 samples, crops them
-        (views.MultiCrop), cuts micro-batches under token_budget and packs the step into shared memory
+    make_loader(ds2d, ds3d, b2d, b3d, ...)   the stream: workers read, crop, cut micro-batches, pack each step
     iterate_whole(ds, token_budget)          one pass over a split, whole images, packed, for the linear probe
 
 Usage: python data.py <name> --root R --out O [--workers N]     (python data.py phantom --out data/phantom)
@@ -146,10 +145,7 @@ def write_shard(path, samples: list, meta: dict | None = None):
     flat = np.concatenate([im.ravel() for im in imgs]) if n else np.zeros(0, np.int8)
     tmp = str(path) + '.tmp'
     with h5py.File(tmp, 'w') as h:
-        h.attrs['format_version'] = FORMAT_VERSION
-        h.attrs['labels'] = list(LABELS)
-        for k, v in (meta or {}).items():
-            h.attrs[k] = v
+        h.attrs.update(meta or {}, format_version=FORMAT_VERSION, labels=list(LABELS))
         comp = COMPRESSION if flat.size else None  # 64 KiB chunks: a 2D read decompresses little beyond itself
         h.create_dataset('image', data=flat, compression=comp, chunks=(min(flat.size, 1 << 16),) if comp else None)
         h['offset'], h['shape'] = offset, shape
@@ -179,15 +175,10 @@ def _write_json(path, obj):
     os.replace(path + '.tmp', path)  # never half-written
 
 
-def _read_report(folder) -> dict:
-    """folder/report.json: {data set prefix: report of its last preprocessing run}."""
-    return _read_json(os.path.join(folder, 'report.json'))
-
-
 def _rebuild_hint(path) -> str:
     """The command that built this shard, from its folder's report.json, to quote in errors."""
     folder, name = os.path.split(os.path.abspath(path))
-    for prefix, rep in _read_report(folder).items():
+    for prefix, rep in _read_json(os.path.join(folder, 'report.json')).items():
         if name.startswith(prefix + '_') and isinstance(rep, dict) and 'command' in rep:
             return rep['command']
     return f"the `python data.py <name> --root R --out {folder}` command that built it"
@@ -224,9 +215,8 @@ def check_complete(path_or_glob):
     p = str(path_or_glob)
     picked = [(p, None)] if os.path.isdir(p) else [os.path.split(os.path.abspath(f)) for f in _find_shards(p)]
     for folder, name in picked:  # name None: the whole folder is read
-        for prefix, rep in _read_report(folder).items():
-            if isinstance(rep, dict) and rep.get('complete', True) is False and (
-                    name is None or name.startswith(prefix + '_')):
+        for prefix, rep in _read_json(os.path.join(folder, 'report.json')).items():
+            if isinstance(rep, dict) and rep.get('complete') is False and (name is None or name.startswith(prefix + '_')):
                 raise ShardError(f"{folder}: data set '{prefix}' is incomplete: its preprocessing run was interrupted "
                                  f"(report.json: \"complete\": false), so some of its shards are missing. Resume it with "
                                  f"`{rep.get('command', f'python data.py {prefix} --root R --out {folder}')}` "
@@ -272,16 +262,11 @@ class _LogLines:
 
 
 def progress(**kw) -> tqdm:
-    """A tqdm bar for a person at a terminal; in a file or pipe (stderr not a TTY) a plain line at most every
-    30 s, and stdout line-buffered, so a log (python probe.py > probe.log 2>&1) stays short and in order."""
+    """A tqdm bar at a terminal; in a file or pipe a plain line every 30 s at most, stdout line-buffered."""
     if sys.stderr.isatty():
         return tqdm(dynamic_ncols=True, **kw)
     getattr(sys.stdout, 'reconfigure', lambda **_: None)(line_buffering=True)
     return tqdm(file=_LogLines(), mininterval=30, **kw)
-
-
-def _worker_init():
-    torch.set_num_threads(1)  # one process per core already; more threads would oversubscribe
 
 
 def _records_sha(recs, load_fn, long_side) -> str:
@@ -296,9 +281,8 @@ def _records_sha(recs, load_fn, long_side) -> str:
 
 def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=None, workers=None,
                        long_side=None, command=None) -> dict:
-    """Records (as adapters.py makes them) loaded by load_fn (picklable: raw 2D (H, W) or 3D (hu, spacing_zyx),
-    or BadInput) and preprocessed over all CPU cores into shards {prefix}_{split}_{modality}_NNNNN.h5, skipping
-    finished ones. Returns the report, also in out_dir/report.json (DATA.md, "Preprocessing runner")."""
+    """Records (as adapters.py makes them) loaded by load_fn (picklable: raw 2D (H, W) or 3D (hu, spacing_zyx), or
+    BadInput), preprocessed over all cores into shards {prefix}_{split}_{modality}_NNNNN.h5 -> the report (DATA.md)."""
     os.makedirs(out_dir, exist_ok=True)
     command = command or f"python data.py {prefix} --root R --out {out_dir}"
     groups, seen = {}, set()
@@ -321,30 +305,29 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
     rep = dict(command=command, written=0, skipped=0, failed=0, shards_written=0, shards_skipped=0, failures=[])
     todo = []
     for path, rs in plan:
-        sha, done = _records_sha(rs, load_fn, long_side), None
-        try:  # a finished shard of the same records is skipped
+        sha = _records_sha(rs, load_fn, long_side)
+        try:  # a finished shard of the same records is skipped; its failures stay in the report (still missing)
             with _open_shard(path) as h:
                 if h.attrs.get('records_sha') == sha:
-                    done = json.loads(h.attrs['failures']), len(h['offset']) - 1
+                    rep['failures'] += json.loads(h.attrs['failures'])
+                    rep['skipped'] += len(h['offset']) - 1
+                    rep['shards_skipped'] += 1
+                    continue
         except ShardError:  # missing or unreadable: (re)build it
             pass
-        if done is None:
-            todo.append((path, rs, sha))
-        else:  # earlier failures stay in the report: those samples are still missing
-            rep['failures'] += done[0]
-            rep['skipped'] += done[1]
-            rep['shards_skipped'] += 1
+        todo.append((path, rs, sha))
     planned = {os.path.basename(p) for p, _ in plan}
     rep['stale'] = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, f"{prefix}_*.h5"))
                           if os.path.basename(p) not in planned)
     flat = [r for _, rs, _ in todo for r in rs]
     # "complete": false until the last shard is written: readers refuse what a killed run left (check_complete)
-    report = os.path.join(out_dir, 'report.json')
-    _write_json(report, dict(_read_report(out_dir), **{prefix: dict(command=command, complete=False)}))
+    report = os.path.join(out_dir, 'report.json')  # {data set prefix: report of its last preprocessing run}
+    _write_json(report, dict(_read_json(report), **{prefix: dict(command=command, complete=False)}))
     work = partial(_prepare_one, load_fn, long_side)
     workers = min(workers or os.cpu_count() or 1, max(len(flat), 1))
-    # spawn, not fork: the parent may hold torch/OpenMP threads, and a forked child of those can hang
-    pool = mp.get_context('spawn').Pool(workers, initializer=_worker_init) if workers > 1 else None
+    # spawn, not fork: the parent may hold torch/OpenMP threads, and a forked child of those can hang; each
+    # worker starts with torch.set_num_threads(1), as there is one worker per core already
+    pool = mp.get_context('spawn').Pool(workers, torch.set_num_threads, (1,)) if workers > 1 else None
     results = pool.imap(work, flat, chunksize=2) if pool else map(work, flat)
     try:
         with progress(total=len(flat), desc=f"{prefix} preprocess", disable=not flat) as bar:
@@ -367,7 +350,7 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
             pool.close()
             pool.join()
     rep['failed'], rep['complete'] = len(rep['failures']), True
-    _write_json(report, dict(_read_report(out_dir), **{prefix: rep}))
+    _write_json(report, dict(_read_json(report), **{prefix: rep}))
     print(f"{prefix}: written {rep['written']} | skipped {rep['skipped']} (finished shards) | failed {rep['failed']}"
           f" | shards {rep['shards_written']} written, {rep['shards_skipped']} skipped -> {out_dir}",
           *(f"  failed {f['file']}: {f['reason']}" for f in rep['failures'][:20]), sep="\n")
@@ -442,8 +425,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img = (self.read(i) / np.float32(Q)).astype(np.float32, copy=False)  # exact at -1, 0, 1
-        return dict(image=img, labels=self.labels[i].copy(), modality=str(self.modality[i]), id=str(self.id[i]),
-                    patient_id=str(self.patient_id[i]), study_id=str(self.study_id[i]), split=str(self.split[i]),
+        return dict({k: str(getattr(self, k)[i]) for k in STR_KEYS}, image=img, labels=self.labels[i].copy(),
                     spacing=self.spacing[i].copy())
 
 
@@ -485,9 +467,8 @@ def micro_batches(batch: dict, n: int = 0) -> list:
 
 
 class _StepBatches(torch.utils.data.Dataset):
-    """Item s = this rank's batch of step s. The 2D (3D) samples of global batch s are stream positions s*B ..
-    s*B + B - 1 (B = world_size * b), rank r takes [r*b, (r+1)*b), and crops are seeded by the stream position:
-    ranks never overlap, the global batch does not depend on their number, a batch is a function of (seed, s, rank)."""
+    """Item s = this rank's batch of step s: stream positions (s * world_size + rank) * b + i, crops seeded by them,
+    so ranks never overlap and the global batch does not depend on their number (DATA.md, "Mixed stream")."""
 
     def __init__(self, ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop, skip_bad=False, n_views=None,
                  token_budget=None, alpha=128.0):
@@ -542,9 +523,8 @@ class _StepBatches(torch.utils.data.Dataset):
 def make_loader(ds2d, ds3d, b2d: int, b3d: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                 start_step: int = 0, crop: MultiCrop = None, workers: int = 0, stop_step=None, skip_bad=False,
                 n_views=None, token_budget=None, alpha=128.0, pin_memory=False):
-    """This rank's batches from step `start_step` on (endless unless stop_step), in step order, each built whole
-    by one DataLoader worker: b2d 2D then b3d 3D samples (ds3d may be None if b3d = 0), the first n_views
-    views of each, cut into as few micro-batches as keep each under token_budget. Batch format: DATA.md."""
+    """This rank's batches from step start_step on (endless unless stop_step), each built whole by one worker: b2d 2D
+    then b3d 3D samples (ds3d None if b3d = 0), n_views views each, micro-batches under token_budget (DATA.md)."""
     ds = _StepBatches(ds2d, ds3d, b2d, b3d, rank, world_size, seed, crop or MultiCrop(), skip_bad, n_views,
                       token_budget, alpha)
     steps = range(start_step, stop_step if stop_step is not None else 1 << 62)  # the sampler yields step numbers
@@ -569,9 +549,8 @@ def _whole_batch(ds, patch, alpha, idx) -> dict:
 
 def iterate_whole(ds: 'ShardDataset', token_budget: int, rank: int = 0, world_size: int = 1, workers: int = 0,
                   patch: int = PATCH, alpha: float = 128.0, pin_memory: bool = False):
-    """One pass over ds in order (rank r takes samples r, r + world_size, ...), whole images padded to whole
-    patches, in batches of consecutive samples of at most token_budget tokens (a larger one goes alone).
-    Batch: {'packed' (int8), 'aug' (identity, for views.augment), 'labels', 'modality', 'id', 'patient_id'}."""
+    """One pass over ds in order (rank r takes samples r, r + world_size, ...), whole images padded to whole patches,
+    in batches of consecutive samples of at most token_budget tokens (a larger one goes alone; DATA.md)."""
     groups, toks = [], 0
     for i in range(rank, len(ds), world_size):
         n = math.prod(-(-int(s) // patch) for s in ds.shape[i][int(ds.modality[i] == '2d'):])  # tokens once padded
@@ -620,15 +599,13 @@ def make_phantom(out_dir, workers=None, **config):
 def ensure_phantom(data_dir, workers=None):
     """The scripts' first step: the phantom world in an empty data_dir, or finished if it was interrupted."""
     done = _read_json(os.path.join(data_dir, 'phantom.json'))
-    if done.get('complete'):  # make_phantom skips it, or refuses it if made otherwise (an older phantom.VERSION)
-        return make_phantom(data_dir, workers=workers)
-    interrupted = done.get('complete') is False
-    if not interrupted and (_find_shards(data_dir) or _read_report(data_dir)):
-        return
-    print(f"{data_dir}: " + ("its phantom world was interrupted (phantom.json: \"complete\": false): finishing it"
-                             if interrupted else "no shards: generating the phantom world there")
-          + f" (python data.py phantom --out {data_dir})")
-    make_phantom(data_dir, workers=workers)
+    if not done and (_find_shards(data_dir) or _read_json(os.path.join(data_dir, 'report.json'))):
+        return  # real data sets
+    if not done.get('complete'):  # a complete one: make_phantom skips it, or refuses it if made otherwise (VERSION)
+        print(f"{data_dir}: " + ("its phantom world was interrupted (phantom.json: \"complete\": false): finishing it"
+                                 if done else "no shards: generating the phantom world there")
+              + f" (python data.py phantom --out {data_dir})")
+    return make_phantom(data_dir, workers=workers)
 
 
 # ----------------------------------------------------------------------------- CLI

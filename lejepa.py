@@ -3,10 +3,8 @@ The LeJEPA objective (paper section 2.2; Balestriero & LeCun 2025, arXiv 2511.08
 
     L = (1 - lam) * L_pred + lam * SIGReg
 
-epps_pulley (the statistic of each column against N(0, 1), by quadrature), sigreg (its mean over random
-directions, redrawn each step from the step number), lejepa_loss (prediction to the centroid of the global
-views, plus SIGReg per view) and the Projector both terms see. Under DDP every rank gets the statistic of
-the GLOBAL batch, with exact gradients. Everything runs in fp32, whatever the autocast.
+epps_pulley (each column against N(0, 1), by quadrature), sigreg (its mean over random directions), lejepa_loss
+and the Projector. Under DDP each rank gets the GLOBAL batch's statistic, with exact gradients; all runs in fp32.
 """
 
 import torch
@@ -16,8 +14,7 @@ import torch.nn as nn
 
 # Trapezoid quadrature of the (even) Epps-Pulley integrand on [0, T_MAX]: 65 knots are exact to 1e-4 up to
 # 10*N(0,1), where LeJEPA's 17 are off by 11% on 3*N(0,1) (DESIGN.md, "The loss")
-T_MAX = 5.0
-N_KNOTS = 65
+T_MAX, N_KNOTS = 5.0, 65
 NUM_SLICES = 1024  # random directions per SIGReg evaluation (LeJEPA's recommendation)
 
 # L_pred is the MEAN over feature dims, as the official LeJEPA code (its lambdas go with it); SIGReg grows
@@ -44,20 +41,6 @@ class _CosSinSums(torch.autograd.Function):
         return gx.squeeze(-1), None
 
 
-def _ecf(x: torch.Tensor, t: torch.Tensor):
-    """Means of cos(t x) and sin(t x) per column of x (N, M) over the GLOBAL batch, (M, T) each, and its N."""
-    sums = _CosSinSums.apply(x.t(), t)  # (2, M, T)
-    n = torch.tensor(float(x.shape[0]), device=x.device)
-    if dist.is_available() and dist.is_initialized():
-        # collective. The autograd-aware all_reduce RETURNS the sum (its input is untouched: using it would
-        # silently give the local statistic); its backward sums the gradient over ranks, world_size times the
-        # single-process one, which DDP's gradient averaging divides out again: exact parameter gradients.
-        sums = dist_nn.all_reduce(sums, op=dist.ReduceOp.SUM)
-        dist.all_reduce(n)  # collective: counted across ranks, so unequal per-rank batches are exact too
-    cos_mean, sin_mean = sums / n  # (M, T) each: the sum over all ranks / global N = the global mean
-    return cos_mean, sin_mean, n
-
-
 def epps_pulley(x: torch.Tensor) -> torch.Tensor:
     """EP = N * integral_R |phi_N(t) - exp(-t^2/2)|^2 * exp(-t^2/2) dt, phi_N(t) = mean_j exp(i t x_j), of each
     column of x (N, M) against N(0, 1), fp32 -> (M,); under a process group, of the batch over all ranks."""
@@ -65,23 +48,28 @@ def epps_pulley(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         t = torch.linspace(0.0, T_MAX, N_KNOTS, device=x.device)  # (T,)
         gauss = torch.exp(-0.5 * t * t)  # (T,) the N(0,1) characteristic function, also the window
-        # trapezoid on [-T_MAX, T_MAX] folded onto t >= 0: t = 0 once (h), interior knots twice (2h),
-        # the end knot twice at half weight (h)
+        # trapezoid on [-T_MAX, T_MAX] folded onto t >= 0: weight h at t = 0 and at the end knot, 2h in between
         h = T_MAX / (N_KNOTS - 1)
         w = torch.full_like(t, 2 * h)
         w[0] = w[-1] = h
-        cos_mean, sin_mean, n = _ecf(x, t)
+        sums = _CosSinSums.apply(x.t(), t)  # (2, M, T)
+        n = torch.tensor(float(x.shape[0]), device=x.device)
+        if dist.is_available() and dist.is_initialized():
+            # collective. The autograd-aware all_reduce RETURNS the sum (its input is untouched: using it would
+            # silently give the local statistic); its backward sums the gradient over ranks, world_size times the
+            # single-process one, which DDP's gradient averaging divides out again: exact parameter gradients.
+            sums = dist_nn.all_reduce(sums, op=dist.ReduceOp.SUM)
+            dist.all_reduce(n)  # collective: counted across ranks, so unequal per-rank batches are exact too
+        cos_mean, sin_mean = sums / n  # (M, T) each: the sum over all ranks / global N = the global mean
         err = (cos_mean - gauss) ** 2 + sin_mean ** 2  # (M, T) |phi_N(t) - phi(t)|^2
         return n * (err @ (w * gauss))  # (M,)
 
 
 def random_directions(dim: int, num_slices: int, step: int, device=None) -> torch.Tensor:
     """(dim, num_slices) unit columns from `step` alone (CPU, fp32): the same on every rank, device and resume."""
-    g = torch.Generator(device="cpu").manual_seed(int(step))
-    a = torch.randn(dim, num_slices, generator=g)  # (K, M)
+    a = torch.randn(dim, num_slices, generator=torch.Generator(device="cpu").manual_seed(int(step)))  # (K, M)
     # guard a zero-norm column: 0/0 would be NaN (a failure seen with bf16 directions elsewhere)
-    a = a / a.norm(dim=0, keepdim=True).clamp_min(1e-12)
-    return a.to(device)
+    return (a / a.norm(dim=0, keepdim=True).clamp_min(1e-12)).to(device)
 
 
 def sigreg(z: torch.Tensor, num_slices: int = NUM_SLICES, step: int = 0) -> torch.Tensor:
@@ -97,9 +85,8 @@ def sigreg(z: torch.Tensor, num_slices: int = NUM_SLICES, step: int = 0) -> torc
 
 def lejepa_loss(z: torch.Tensor, n_global: int = 2, lam: float = LAM, num_slices: int = NUM_SLICES,
                 step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z: (V, N, K) projector outputs, view-major, global views first -> fp32 (total, pred, sigreg), total =
-    (1 - lam) * pred + lam * sigreg, pred = mean over views of mean((mu - z_v)^2), mu the centroid of the
-    global views (no stop-gradient). pred is this rank's (DDP averages it), sigreg the global batch's."""
+    """z: (V, N, K) projector outputs, view-major, global views first -> fp32 (total, pred, sigreg): pred (this rank's)
+    = mean over views of mean((mu - z_v)^2), mu the global views' centroid (no stop-gradient); sigreg all ranks'."""
     if z.dim() != 3 or not 1 <= n_global <= z.shape[0]:
         raise ValueError(f"lejepa.lejepa_loss: expected z of shape (V, N, K) with 1 <= n_global <= V, got "
                          f"{tuple(z.shape)} and n_global={n_global}; reshape the projector output view-major")

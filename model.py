@@ -33,8 +33,7 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE frequency base (paper: 10,000)
 
 
-# head dims: tiny 48 (8 RoPE pairs per axis), small/base 64 (10 pairs per axis + 4 unrotated dims)
-PRESETS = {
+PRESETS = {  # head dims and RoPE pairs per axis: DESIGN.md, "The model"
     "tiny": dict(dim=192, depth=4, heads=4),    # tests and CPU runs
     "small": dict(dim=384, depth=12, heads=6),  # ViT-S/14
     "base": dict(dim=768, depth=12, heads=12),  # ViT-B/14
@@ -107,13 +106,11 @@ class SparseMedicalViT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """All initialisation, in one place:
-        - patch_embed.weight: trunc normal, std 0.02 (ViT); its bias 0. A 2D token sums P^2 terms,
-          a 3D token P^3, so at init 2D tokens are ~sqrt(P) smaller; the pre-norm blocks absorb that.
+        - patch_embed.weight: trunc normal, std 0.02 (ViT); its bias 0. A 2D token sums P^2 terms, a 3D token
+          P^3, so at init 2D tokens are ~sqrt(P) smaller; the pre-norm blocks absorb that.
         - every nn.Linear weight (qkv, proj, fc1, fc2): trunc normal, std 0.02; biases 0.
-        - attn.proj and mlp.fc2 weights: std 0.02 / sqrt(2 * depth), so the residual stream's variance
-          does not grow with depth (GPT-2).
-        - every LayerNorm: weight 1, bias 0.
-        """
+        - attn.proj and mlp.fc2 weights: std 0.02 / sqrt(2 * depth): residual variance stays flat with depth (GPT-2).
+        - every LayerNorm: weight 1, bias 0."""
         nn.init.trunc_normal_(self.patch_embed.weight, std=0.02)
         nn.init.zeros_(self.patch_embed.bias)
         for m in self.modules():
@@ -130,8 +127,7 @@ class SparseMedicalViT(nn.Module):
     def pack(self, views) -> Packed:
         """Pack a list of views on the CPU and move the result to the model's device."""
         views = [v.cpu() if isinstance(v, torch.Tensor) else v for v in views]  # pack_views refuses non-tensors
-        packed = pack_views(views, self.cfg.patch, self.cfg.in_chans, self.cfg.alpha)
-        return packed.to(self.patch_embed.weight.device)
+        return pack_views(views, self.cfg.patch, self.cfg.in_chans, self.cfg.alpha).to(self.patch_embed.weight.device)
 
     def forward_tokens(self, views_or_packed):
         """Per-token features (S, dim) after the final norm, and the Packed (its grids map them back to views)."""
@@ -144,9 +140,8 @@ class SparseMedicalViT(nn.Module):
 
     def forward(self, views_or_packed) -> torch.Tensor:
         """One embedding per view, in input order: (N, dim)."""
-        x, packed = self.forward_tokens(views_or_packed)
         # the mean of the view's tokens: a CLS token has no place in the 3D RoPE grid (DESIGN.md, pooling)
-        return pool_views(x, packed)
+        return pool_views(*self.forward_tokens(views_or_packed))
 
     def describe(self, device, dtype) -> str:
         return (f"SparseMedicalViT {self.cfg} | {sum(p.numel() for p in self.parameters()) / 1e6:.2f}M params | "

@@ -92,12 +92,6 @@ def _unflatten(p2, p3, coords, ints, sizes, seqlens, max_seqlen, grids, shapes) 
     return Packed(p2, p3, idx2d, idx3d, coords, cu.int(), view_ids, seqlens, max_seqlen, grids, (perm, inv, shapes))
 
 
-def grid_of(shape, patch: int) -> tuple:
-    """(gz, gh, gw) of a view of shape (C, H, W) or (C, Z, H, W) with whole patches; a depth of 1 means 2D."""
-    z, h, w = shape[1:] if len(shape) == 4 else (1,) + tuple(shape[1:])
-    return (1 if z == 1 else z // patch, h // patch, w // patch)
-
-
 def check_view(i: int, v, patch: int, in_chans: int):
     """Raise a ValueError naming view i and its shape if it cannot be packed."""
     if not isinstance(v, torch.Tensor):
@@ -131,8 +125,8 @@ def pack_arrays(views, patch: int = PATCH, alpha: float = 128.0, share: bool = F
     """pack_views for valid numpy views, float32 or int8, each copied once; in shared memory if share (workers)."""
     C, dtype = views[0].shape[0], torch.from_numpy(views[0][:0]).dtype
     assert all(torch.from_numpy(v[:0]).dtype == dtype for v in views), "pack_arrays: views of mixed dtypes"
-    grids = [grid_of(v.shape, patch) for v in views]
-    flat = [v.ndim == 3 or v.shape[1] == 1 for v in views]  # 2D views
+    flat = [v.ndim == 3 or v.shape[1] == 1 for v in views]  # 2D views: (C, H, W), or a depth of 1
+    grids = [(1 if f else v.shape[1] // patch, v.shape[-2] // patch, v.shape[-1] // patch) for v, f in zip(views, flat)]
     seqlens = [math.prod(g) for g in grids]
     n2 = sum(n for n, f in zip(seqlens, flat) if f)
     t = torch.empty(0, dtype=dtype)  # (n, k) buffers in shared memory if share, as DataLoader's default_collate

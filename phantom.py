@@ -22,8 +22,7 @@ N3D = (800, 150, 500)    # (train, val, test) CT volumes
 # Long sides are smaller than the paper's 224 / 112: this is the CPU quick-start world. With patch 14
 # a whole radiograph is ~6x8 = 47 tokens and a CT ~4x3x5 = 53 (paper: ~256 and ~512), and a 3D sample
 # stays ~190 KB on disk (int8), so the default world is ~310 MB. A lesion spans 1-3 patches.
-LONG_SIDE_2D = 112
-LONG_SIDE_3D = 70
+LONG_SIDE_2D, LONG_SIDE_3D = 112, 70
 NAN_FRACTION_2D = 0.03  # share of 2D labels hidden as unknown (NaN), as in CheXpert-labelled data
 
 # label model: P(finding | parents); some correlation as in real chest imaging
@@ -56,14 +55,12 @@ CONS_RADIUS, CONS_HU = (35.0, 60.0), (-120.0, 30.0)
 LO_RADIUS, LO_HU = (60.0, 100.0), (350.0, 550.0)  # ground glass: HU added to lung, peak
 
 
-# -----------------------------------------------------------------------------
-# labels and records
+# ----------------------------------------------------------------------------- labels and records
 
 def draw_findings(rng, n):
     """(n, 5) uint8 true findings in LABELS order, with the correlations of the label model."""
     u = rng.random((n, 5))
-    card = u[:, 1] < P_CARD
-    cons = u[:, 2] < P_CONS
+    card, cons = u[:, 1] < P_CARD, u[:, 2] < P_CONS
     eff = u[:, 4] < np.where(card, P_EFF[1], P_EFF[0])
     atel = u[:, 0] < np.where(eff, P_ATEL[1], P_ATEL[0])
     lo = u[:, 3] < np.where(cons, P_LO[1], P_LO[0])
@@ -98,8 +95,7 @@ def load(record):
     return expose(rng, drr(*volume(rng, record['findings'], spacing_zyx=(p, SPACING_DRR_Y, p))))
 
 
-# -----------------------------------------------------------------------------
-# the generator
+# ----------------------------------------------------------------------------- the generator
 
 def smooth_noise(rng, shape, cell):
     """Zero-mean Gaussian field, correlation ~cell voxels per axis: coarse white noise interpolated one axis at a
@@ -129,11 +125,6 @@ def ellipsoid_q(c, r, axes, sl, rot):
     z, y, x = (a[s] - ci for a, s, ci in zip(axes, sl, c))
     z, y, x = z[:, None, None], y[None, :, None], x[None, None, :]
     return sum(((R[0] * z + R[1] * y + R[2] * x) / rk) ** 2 for R, rk in zip(rot, r))  # plain broadcasts, no BLAS
-
-
-def random_rotation(rng):
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    return q * np.sign(np.diag(r))
 
 
 def volume(rng, findings, spacing_zyx=None):
@@ -213,10 +204,9 @@ def volume(rng, findings, spacing_zyx=None):
     heart[hs] = ellipsoid_q(hc, hr, axes, hs, rot) < 1
     lung &= ~heart
     hu[heart] = soft
-    # --- parenchyma: gravity gradient, texture, vessels where two smooth fields both cross zero
-    # (curves), thicker near the hila; plus an unlabelled supine dependent density, posterior and
-    # basal, that a small effusion must be told apart from (by texture and shape: an encoder can,
-    # a linear model on pooled pixels hardly)
+    # --- parenchyma: gravity gradient, texture, vessels where two smooth fields both cross zero (curves),
+    # thicker near the hila; plus an unlabelled supine dependent density, posterior and basal, that a small
+    # effusion must be told apart from (by texture and shape: an encoder can, a linear model on pooled pixels hardly)
     tex = smooth_noise(anat, shape, (12 / sz, 12 / sy, 12 / sx))
     hilum = np.sqrt(((z3 - z_dia['R'] - 0.4 * (z_top - z_dia['R'])) / 80) ** 2 + (y2 / 80) ** 2
                     + ((np.abs(x2) - 0.25 * bw) / 60) ** 2)
@@ -240,7 +230,8 @@ def volume(rng, findings, spacing_zyx=None):
                 break
         rad = r * g.uniform(0.7, 1.3, 3)
         sl = box(c, rad * 1.5, axes)
-        q = ellipsoid_q(c, rad, axes, sl, random_rotation(g))
+        o, r = np.linalg.qr(g.standard_normal((3, 3)))
+        q = ellipsoid_q(c, rad, axes, sl, o * np.sign(np.diag(r)))  # a random rotation
         q = q + 0.3 * smooth_noise(g, q.shape, (10 / sz, 10 / sy, 10 / sx))  # irregular border
         return sl, np.clip((1 - q) / edge, 0, 1) * lung[sl]
 

@@ -1,11 +1,10 @@
 """
 Frozen-feature evaluation (paper section 3, Tables 1-3, Figure 2): linear probes, AUROC with patient-
 bootstrap confidence intervals, the tables and the PCA figures; the protocol: DESIGN.md, "Evaluation".
+Test sets: each (shard prefix, modality) with a test split in data_dir (internal) and external_dir.
 
     python probe.py --ckpt=out/ckpt.pt                      # phantom world (train.py's default data)
     python probe.py --ckpt=out/stage3/ckpt.pt --supervised=out/supervised/ckpt.pt --external_dir=data/external
-
-Test sets: each (shard prefix, modality) with a test split in data_dir (internal) and external_dir.
 """
 
 import glob
@@ -77,8 +76,7 @@ def auroc(y, s, w=None) -> float:
     y, s = np.asarray(y, np.float64), np.asarray(s, np.float64)
     w = np.ones_like(y) if w is None else np.asarray(w, np.float64)
     keep = ~np.isnan(y) & ~np.isnan(s)
-    g = np.unique(s[keep], return_inverse=True)[1].reshape(-1)
-    return _auroc_groups(g, y[keep], w[keep])
+    return _auroc_groups(np.unique(s[keep], return_inverse=True)[1].reshape(-1), y[keep], w[keep])  # tie groups
 
 
 def bootstrap_ci(y, s, patients, n_boot=1000, seed=0, level=0.95):
@@ -158,23 +156,17 @@ def format_table(rows, labels) -> str:
 
 # ----------------------------------------------------------------------------- features
 
-def whole_view(image, patch: int) -> torch.Tensor:
-    """The whole sample as one float view, padded to whole patches as the probe's batches (data.pad_to_patches)."""
-    return torch.from_numpy(data.pad_to_patches(np.asarray(image, np.float32), patch))  # (1, H, W) or (1, Z, H, W)
-
-
 @torch.no_grad()
 def embed(model, ds, device, token_budget=token_budget, workers=num_workers, desc="embed") -> dict:
     """{'x' (N, dim), 'y', 'patient', 'id'}: frozen backbone embeddings of ds, batches of <= token_budget tokens."""
     model.eval()
-    bf16 = device.type == "cuda"  # flash path on GPU; exact fp32 on CPU
     out = {"x": [], "y": [], "patient": [], "id": []}
     loader = data.iterate_whole(ds, token_budget, workers=workers, patch=model.cfg.patch, alpha=model.cfg.alpha,
                                 pin_memory=device.type == "cuda")
     with data.progress(total=len(ds), desc=desc, leave=False) as bar:
         for b in loader:
             packed = views.augment(b["packed"].to(device, non_blocking=True), b["aug"])  # identity: q / 127
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):  # else exact fp32
                 out["x"].append(model(packed).float().cpu().numpy())  # (b, dim)
             out["y"].append(b["labels"].numpy())
             out["patient"] += b["patient_id"]
@@ -226,9 +218,7 @@ def fig_pca_lr(x2, y2, x3, y3, labels, path, title, n_pc=16):
                 coef = coef / np.abs(coef).max()
             rows.append(coef)
         im = ax.imshow(np.array(rows), cmap="coolwarm", vmin=-1, vmax=1, aspect="auto")
-        ax.set_title(label)
-        ax.set_yticks(range(len(parts)), [n for n, _, _ in parts])
-        ax.set_xlabel("principal component")
+        ax.set(title=label, xlabel="principal component", yticks=range(len(parts)), yticklabels=[n for n, _, _ in parts])
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="LR coefficient (row max = 1)")
     fig.suptitle(title, fontsize=9, y=1.08)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -243,17 +233,14 @@ def pca_maps(model, vs) -> list:
     cuts = np.cumsum(packed.seqlens)[:-1]
     xs = [v - v.mean(0) for v in np.split(tokens.float().cpu().numpy(), cuts)]  # per view (L, dim)
     x = np.concatenate([v / max(v.std(), 1e-8) for v in xs])  # (S, dim)
-    out = []
-    for p, g in zip(np.split(x @ np.linalg.svd(x, full_matrices=False)[2][:3].T, cuts), packed.grids):  # (L, 3)
-        p = (p - p.min(0)) / np.maximum(p.max(0) - p.min(0), 1e-8)
-        out.append(p.reshape(*g, 3))
-    return out
+    pcs = np.split(x @ np.linalg.svd(x, full_matrices=False)[2][:3].T, cuts)  # per view (L, 3), each PC to [0, 1]:
+    return [((p - p.min(0)) / np.maximum(p.max(0) - p.min(0), 1e-8)).reshape(*g, 3) for p, g in zip(pcs, packed.grids)]
 
 
 def fig_pca_maps(models, images, path, patch):
     """Figure 2b: a radiograph and a CT (the mid token slab's middle slice) by their PCA maps, a row per encoder."""
     import matplotlib.pyplot as plt
-    vs = [whole_view(im, patch) for im in images]
+    vs = [torch.from_numpy(data.pad_to_patches(np.asarray(im, np.float32), patch)) for im in images]  # as in embed()
     fig, axes = plt.subplots(len(models), 2 * len(vs), figsize=(5.2 * len(vs), 2.6 * len(models)), squeeze=False)
     for r, (name, model) in enumerate(models):
         for c, (v, m) in enumerate(zip(vs, pca_maps(model, vs))):

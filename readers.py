@@ -124,10 +124,8 @@ def _axes_matrix(codes, spacing):
 def _reorient(a, m):
     """A 3D array of axes m (RAS) flipped/transposed to CANONICAL, with its spacing; oblique ones snap."""
     ornt = _need('nibabel.orientations')
-    aff = np.eye(4)
-    aff[:3, :3] = m
-    try:
-        t = ornt.ornt_transform(ornt.io_orientation(aff), ornt.axcodes2ornt(CANONICAL))
+    try:  # io_orientation reads the 3x3 part of an affine: m padded to 4x4
+        t = ornt.ornt_transform(ornt.io_orientation(np.pad(m, (0, 1))), ornt.axcodes2ornt(CANONICAL))
     except ValueError as e:
         raise BadInput(f'degenerate orientation matrix ({e})') from None
     size = np.sqrt((m ** 2).sum(0))  # mm per step of each source axis, which t[:, 0] sends to its destination

@@ -12,8 +12,7 @@ import torch
 def grid_coords(gz: int, gh: int, gw: int, alpha: float = 128.0, device=None) -> torch.Tensor:
     """(gz*gh*gw, 3) float32 coordinates (z, h, w), flattened z-major like the patches."""
     axes = [alpha * torch.arange(g, dtype=torch.float32, device=device) / max(g - 1, 1) for g in (gz, gh, gw)]
-    z, h, w = torch.meshgrid(*axes, indexing="ij")  # each (gz, gh, gw)
-    return torch.stack([z, h, w], dim=-1).reshape(-1, 3)  # (S, 3)
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (gz, gh, gw, 3) -> (S, 3)
 
 
 def rope_cos_sin(coords: torch.Tensor, head_dim: int, base: float = 10000.0):
@@ -37,5 +36,4 @@ def apply_rope_cs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     x1, x2 = rot[:, :, :, 0], rot[:, :, :, 1]  # (S, H, 3, n) each
     c, s = cos.view(S, 1, 3, n), sin.view(S, 1, 3, n)
     y = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=3)  # (S, H, 3, 2, n)
-    out = torch.cat([y.reshape(S, H, 6 * n), rest], dim=-1)  # (S, H, Dh)
-    return out.to(x.dtype)
+    return torch.cat([y.reshape(S, H, 6 * n), rest], dim=-1).to(x.dtype)  # (S, H, Dh)

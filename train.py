@@ -5,9 +5,8 @@ Pretrain SparseMedicalViT with LeJEPA (paper sections 2.2-2.4), or train the sup
     torchrun --standalone --nproc_per_node 2 train.py   # same on 2 processes (gloo on CPU, nccl on CUDA)
     torchrun --nproc_per_node 2 train.py config/stage3.py --max_iters=100
 
-Every knob is a constant below, overridden by config files and --key=value (type-checked). One step
-is one GLOBAL batch of batch_2d + batch_3d samples of n_global + n_local views each, split over the
-ranks, then into micro-batches of at most token_budget tokens: memory is bounded by the budget.
+Every knob is a constant below, overridden by config files and --key=value (type-checked). A step is one
+GLOBAL batch, split over the ranks, then into micro-batches of at most token_budget tokens (DESIGN.md, Training).
 """
 
 import errno
@@ -19,6 +18,7 @@ import subprocess
 import sys
 import time
 from ast import literal_eval
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -36,8 +36,7 @@ from model import ModelConfig, SparseMedicalViT, PRESETS
 
 # -----------------------------------------------------------------------------
 # data
-data_dir = "data/phantom"     # shard folder (python data.py ...); the phantom world is generated here if empty
-                              # (and finished if its generation was interrupted)
+data_dir = "data/phantom"     # shard folder (python data.py ...); if empty or half made, the phantom world goes here
 batch_2d = 24                 # GLOBAL 2D samples per step, all ranks (paper: 256 in stage 1, 192 in stages 2-3)
 batch_3d = 8                  # GLOBAL 3D samples per step, all ranks (paper: 0 in stage 1, 64 in stages 2-3)
 n_global = 2                  # global views per sample (paper: 2)
@@ -48,8 +47,7 @@ view_zoom = (1.0, 1.0)        # per-view resampling factor range (1, 1 = native 
 view_intensity = (0.2, 0.4, 0.04)  # per-view (brightness, contrast, noise sd) jitter, images in [-1, 1]; strong,
                               # so two views match by structure, not by intensity statistics (RESULTS.md)
 num_workers = 1               # DataLoader worker processes per rank (one keeps up on CPU; GPUs: see README)
-skip_bad_samples = False      # a sample that fails to read (truncated/corrupt shard) stops the run; True: it is
-                              # replaced by the next readable one, with a warning and a count in the log
+skip_bad_samples = False      # a sample that fails to read stops the run; True: the next replaces it (warned, counted)
 # model
 preset = "tiny"               # 'tiny' | 'small' (ViT-S) | 'base' (ViT-B), see model.PRESETS
 proj_hidden = 1024            # LeJEPA projector MLP hidden width
@@ -69,9 +67,8 @@ beta1, beta2 = 0.9, 0.95      # AdamW betas
 grad_clip = 1.0               # max global grad norm (0 = off)
 # system
 out_dir = "out"               # checkpoint, log.jsonl
-init_from = "scratch"         # 'scratch' | 'resume' (out_dir/ckpt.pt, exact continuation) | 'auto' (resume
-                              # if out_dir/ckpt.pt exists, else scratch: for torchrun --max-restarts) |
-                              # a checkpoint path: its weights, fresh optimizer and step 0 (stage 2)
+init_from = "scratch"         # 'scratch' | 'resume' (out_dir/ckpt.pt, exact) | 'auto' (resume if it exists, else
+                              # scratch: torchrun --max-restarts) | a checkpoint path (weights, fresh optimizer, step 0)
 device = "auto"               # 'auto' | 'cpu' | 'cuda'
 dtype = "auto"                # 'auto' (bf16 on CUDA and on CPUs with native bf16, else fp32) | 'float32' | 'bfloat16'
 token_budget = 12000          # max tokens per micro-batch per rank (memory bound; more -> fewer accumulation steps)
@@ -92,8 +89,7 @@ def configure(defaults: dict, argv: list) -> dict:
         if not arg.startswith("--"):
             scope = {}
             exec(open(arg).read(), {}, scope)
-            updates = {k: v for k, v in scope.items() if not k.startswith("_")}
-            origin = arg
+            updates, origin = {k: v for k, v in scope.items() if not k.startswith("_")}, arg
         else:
             key, sep, val = arg[2:].partition("=")
             if not sep:
@@ -127,17 +123,6 @@ def get_lr(it: int, cfg: dict) -> float:
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * t)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-class Net(nn.Module):
-    """Encoder + head (LeJEPA projector, or the supervised linear classifier): one module for DDP."""
-
-    def __init__(self, encoder, head):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, packed):
-        return self.head(self.encoder(packed))  # the head of each view's backbone embedding
-
-
 def run_info(device) -> dict:
     """What produced this run: recorded in the log and the checkpoint."""
     try:
@@ -150,8 +135,7 @@ def run_info(device) -> dict:
 
 
 def cpu_has_bf16() -> bool:
-    """bf16 autocast pays on CPUs with native bf16 (avx512_bf16 / amx: 1.5x faster here) and is ~15x slower
-    where it is emulated, so 'auto' uses it only when the flag is there."""
+    """Native bf16 (avx512_bf16 / amx): bf16 autocast is 1.5x faster there and ~15x slower where it is emulated."""
     try:
         return any(f in open("/proc/cpuinfo").read() for f in ("avx512_bf16", "amx_bf16"))
     except OSError:
@@ -159,8 +143,7 @@ def cpu_has_bf16() -> bool:
 
 
 def cpu_threads(local_ranks: int, print0):
-    """Ranks x threads beyond the cores slow every rank many-fold (2 ranks x 2 threads on 2 cores: 8x). Unset
-    OMP_NUM_THREADS: take cores // local ranks each; set: warn with the fix."""
+    """Ranks x threads beyond the cores slow every rank many-fold (DESIGN.md): take cores // ranks, or warn if set."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads, fair = torch.get_num_threads(), max(1, cores // local_ranks)
     if local_ranks * threads <= cores:
@@ -200,11 +183,10 @@ def main(cfg: dict):
         raise RuntimeError("torchrun --max-restarts > 0 shares one rendezvous store across restarts, and restarted "
                            "ranks may then fail to connect. Run it as TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... "
                            "(a fresh store per attempt; see DESIGN.md, Restarts)")
+    rank, local_rank, world = 0, 0, 1
     if ddp:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo")
         rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    else:
-        rank, local_rank, world = 0, 0, 1
     master = rank == 0
     print0 = lambda *a, **k: print(*a, **k) if master else None
     cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), print0)
@@ -220,13 +202,12 @@ def main(cfg: dict):
         assert cfg[name] % world == 0, f"{name}={cfg[name]} must be divisible by the world size {world}"
     b2d, b3d = cfg["batch_2d"] // world, cfg["batch_3d"] // world  # this rank's share
 
-    # --- model, and the checkpoint it starts from: loaded and matched to the config BEFORE any data is made or
-    # read, so a bad checkpoint is refused in seconds, not after minutes of phantom generation
+    # --- model and its checkpoint, matched to the config BEFORE any data is made: a bad one fails in seconds
     mcfg = ModelConfig(**PRESETS[cfg["preset"]])
     encoder = SparseMedicalViT(mcfg)
     head = (Projector(mcfg.dim, cfg["proj_hidden"], cfg["proj_dim"]) if cfg["objective"] == "lejepa"
             else nn.Linear(mcfg.dim, len(adapters.LABELS)))
-    net = Net(encoder, head).to(device)
+    net = nn.Sequential(OrderedDict(encoder=encoder, head=head)).to(device)  # one module for DDP: head(encoder(x))
     opt = torch.optim.AdamW([{"params": [p for p in net.parameters() if (p.dim() >= 2) == mat],  # decay matrices only
                               "weight_decay": cfg["weight_decay"] if mat else 0.0} for mat in (True, False)],
                             lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
@@ -268,10 +249,9 @@ def main(cfg: dict):
     V = cfg["n_global"] + cfg["n_local"] if cfg["objective"] == "lejepa" else cfg["n_global"]
     second = "sigreg" if cfg["objective"] == "lejepa" else "bce"  # the loss's second logged term
     # the workers crop, cut micro-batches under token_budget and pack; this process only moves them
-    loader = data.make_loader(ds2d, ds3d, b2d, b3d, rank=rank, world_size=world, seed=cfg["seed"],
-                              start_step=start_step, crop=crop, workers=cfg["num_workers"],
-                              skip_bad=cfg["skip_bad_samples"], n_views=V, token_budget=cfg["token_budget"],
-                              alpha=mcfg.alpha, pin_memory=device.type == "cuda")
+    loader = data.make_loader(ds2d, ds3d, b2d, b3d, rank=rank, world_size=world, seed=cfg["seed"], start_step=start_step,
+                              crop=crop, workers=cfg["num_workers"], skip_bad=cfg["skip_bad_samples"], n_views=V,
+                              token_budget=cfg["token_budget"], alpha=mcfg.alpha, pin_memory=device.type == "cuda")
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
     pbar = data.progress(total=cfg["max_iters"], initial=start_step, desc="train") if master else None
@@ -336,8 +316,7 @@ def main(cfg: dict):
                     + (f" | skipped {rec['skipped']} bad samples so far" if rec["skipped"] else ""))
             if master:
                 pbar.write(line)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                print(json.dumps(rec), file=log, flush=True)
             t_last, tok_acc, views_acc, steps_acc = time.time(), 0, 0, 0
         if master and (step % cfg["ckpt_interval"] == 0 or step == end):
             save_checkpoint({"model": encoder.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),

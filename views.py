@@ -24,13 +24,11 @@ def noise_table(device) -> torch.Tensor:
 
 
 class MultiCrop:
-    """V_g global + V_l local crops of an image (1, H, W) or volume (1, Z, H, W), global first: a `scale` fraction,
-    sides within `aspect`, snapped to whole patches, no resize; contrast, brightness, noise and zoom drawn
-    PER VIEW. No flips: chest anatomy is lateralised. Details: DATA.md, "Views"."""
+    """V_g global + V_l local crops of an image (1, H, W) or volume (1, Z, H, W), global first, snapped to whole
+    patches, no resize; intensity and zoom drawn PER VIEW; no flips (chest anatomy is lateralised). DATA.md, "Views"."""
 
-    def __init__(self, n_global=2, n_local=8, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
-                 aspect=(3 / 4, 4 / 3), patch=PATCH, brightness=0.1, contrast=0.2, noise=0.02, zoom=(1.0, 1.0),
-                 tries=10):
+    def __init__(self, n_global=2, n_local=8, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), aspect=(3 / 4, 4 / 3),
+                 patch=PATCH, brightness=0.1, contrast=0.2, noise=0.02, zoom=(1.0, 1.0), tries=10):
         assert 0 < global_scale[0] <= global_scale[1] and 0 < local_scale[0] <= local_scale[1]
         assert 0 < aspect[0] <= 1 <= aspect[1] and 0 < zoom[0] <= zoom[1]
         self.n_global, self.n_local, self.patch, self.tries = n_global, n_local, patch, tries
@@ -85,9 +83,8 @@ class MultiCrop:
 @torch.no_grad()
 def augment(packed: Packed, aug: torch.Tensor) -> Packed:
     """Patches (int8 q = 127 x, or float x) -> float32 clip(c x + (1 - c) mean_v(x) + b + sd * noise, -1, 1),
-    (c, b, sd, row) = aug[v], wherever the packed views are (CPU and CUDA tested equal), in a few batched ops.
-    A view's noise: its tokens' rows of the fixed table as (rows, voxels of a patch), from `row` on (wrapping),
-    one gather per batch (fresh normals cost 14 ms per 3D view on a CPU). Pass aug on the host."""
+    (c, b, sd, row) = aug[v], wherever the packed views are, in a few batched ops. A view's noise: the fixed
+    table's rows from `row` on (wrapping), one gather per batch (DATA.md, "Views"). Pass aug on the host."""
     dev, N, noisy = packed.coords.device, packed.num_views, bool((aug[:, 2] > 0).any())
     c, b, sd, row = aug.to(dev, torch.float64, non_blocking=True).unbind(1)  # (N,) each
     pos = torch.arange(packed.num_tokens, device=dev) - packed.cu_seqlens[:-1].long()[packed.view_ids]  # (S,) in its view

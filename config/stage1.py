@@ -3,8 +3,7 @@
 #   torchrun --standalone --nproc_per_node 2 train.py config/stage1.py
 # Data: python data.py mimic --root /data/mimic-cxr-jpg --out data/paper
 data_dir = "data/paper"
-batch_2d = 256         # paper: 256 2D
-batch_3d = 0
+batch_2d, batch_3d = 256, 0  # paper: 256 2D, no 3D
 preset = "small"       # ViT-S/14 (the paper does not name the size; see README)
 proj_hidden = 2048     # LeJEPA projector: 2 hidden layers of 2048, output 128
 lam = 0.025            # paper

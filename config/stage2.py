@@ -4,8 +4,7 @@
 # Data: python data.py mimic ... --out data/paper ; python data.py ctrate --root /data/ct-rate --out data/paper
 exec(open("config/stage1.py").read())
 init_from = "out/stage1/ckpt.pt"
-batch_2d = 192         # paper: 192 2D + 64 3D
-batch_3d = 64
+batch_2d, batch_3d = 192, 64  # paper: 192 2D + 64 3D
 warmup_iters = 500
 max_iters = 25000      # not stated in the paper
 out_dir = "out/stage2"

@@ -3,7 +3,6 @@
 #   torchrun --standalone --nproc_per_node 2 train.py config/supervised.py
 exec(open("config/stage1.py").read())
 objective = "supervised"
-batch_2d = 192
-batch_3d = 64
+batch_2d, batch_3d = 192, 64  # paper: 192 2D + 64 3D
 max_iters = 20000      # not stated in the paper
 out_dir = "out/supervised"
