@@ -50,7 +50,10 @@ def padded_encoder_forward(enc: SparseMedicalViT, packed):
     H, Dh = cfg.heads, cfg.dim // cfg.heads
     x = enc.patch_embed(packed)  # (S, D), identical in both variants
     pos = torch.arange(packed.num_tokens, device=x.device) - packed.cu_seqlens[:-1].long()[packed.view_ids]
-    pad = lambda t: t.new_zeros(N, L, *t.shape[1:]).index_put_((packed.view_ids, pos), t)  # (S, ...) -> (N, L, ...)
+
+    def pad(t):  # (S, ...) -> (N, L, ...), zeros after each view's tokens
+        return t.new_zeros(N, L, *t.shape[1:]).index_put_((packed.view_ids, pos), t)
+
     valid, xp, coords = pad(torch.ones_like(pos, dtype=torch.bool)), pad(x), pad(packed.coords)  # (N, L), (N, L, D)
     cos, sin = rope_cos_sin(coords.view(N * L, 3), Dh, cfg.rope_base)
     mask = valid[:, None, None, :]                                                  # (N, 1, 1, L) keys
