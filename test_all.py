@@ -453,7 +453,7 @@ def test_resume_is_exact(fake_data, tmp_path):
 
 def test_supervised_objective_with_nan_labels(fake_data, tmp_path):
     net = train.main(train_cfg(fake_data, str(tmp_path), objective="supervised", max_iters=3))
-    assert net.head.weight.shape == (5, net.encoder.cfg.dim)
+    assert net.head.linear.weight.shape == (5, net.encoder.cfg.dim)
     log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
     # the supervised loss masks NaN labels: compare with sklearn-free closed form on a tiny case
@@ -462,6 +462,27 @@ def test_supervised_objective_with_nan_labels(fake_data, tmp_path):
     bce, _, _ = train.supervised_loss(logits, labels)
     ref = (math.log(2) + math.log(1 + math.e ** -1) + math.log(2)) / 3
     assert bce.item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_supervised_head_standardises_within_each_modality():
+    """SupervisedHead == a naive loop: each modality's rows standardised with their own batch mean and (biased)
+    variance, then one linear map; in eval, the running statistics. A shared statistic would fail it."""
+    torch.manual_seed(0)
+    head = train.SupervisedHead(8, 5)
+    x = torch.randn(10, 8) * torch.linspace(0.1, 3, 8)
+    x[5:] += 4.0  # the 3D rows sit far from the 2D ones, as pooled features of the two modalities do
+    is3d = torch.tensor([False] * 5 + [True] * 5)
+    ref = torch.empty_like(x)
+    for m in (False, True):
+        r = x[is3d == m]
+        ref[is3d == m] = (r - r.mean(0)) / torch.sqrt(r.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(head(x, is3d), head.linear(ref))
+    head.eval()  # running statistics, updated once from their init (mean 0, var 1) with momentum 0.1
+    run = torch.zeros_like(x)
+    for m in (False, True):
+        r = x[is3d == m]
+        run[is3d == m] = (r - 0.1 * r.mean(0)) / torch.sqrt(0.9 + 0.1 * r.var(0, unbiased=True) + 1e-5)
+    torch.testing.assert_close(head(x, is3d), head.linear(run))
 
 
 def _train_ddp_worker(rank, world, port, cfg, out):

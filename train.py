@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from ast import literal_eval
-from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -206,8 +205,8 @@ def main(cfg: dict):
     mcfg = ModelConfig(**PRESETS[cfg["preset"]])
     encoder = SparseMedicalViT(mcfg)
     head = (Projector(mcfg.dim, cfg["proj_hidden"], cfg["proj_dim"]) if cfg["objective"] == "lejepa"
-            else nn.Linear(mcfg.dim, len(adapters.LABELS)))
-    net = nn.Sequential(OrderedDict(encoder=encoder, head=head)).to(device)  # one module for DDP: head(encoder(x))
+            else SupervisedHead(mcfg.dim, len(adapters.LABELS)))
+    net = Net(encoder, head).to(device)  # one module for DDP: head(encoder(x))
     opt = torch.optim.AdamW([{"params": [p for p in net.parameters() if (p.dim() >= 2) == mat],  # decay matrices only
                               "weight_decay": cfg["weight_decay"] if mat else 0.0} for mat in (True, False)],
                             lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
@@ -331,6 +330,41 @@ def main(cfg: dict):
         del model  # the DDP wrapper must go before its process group (else exit can hang or abort)
         dist.destroy_process_group()
     return net
+
+
+class SupervisedHead(nn.Module):
+    """The supervised baseline's head: a linear map of the pooled features, standardised over the batch within each
+    modality (BatchNorm without affine, one per modality, as the probe's scaler and MAE's linear probe). Mean-pooled
+    features barely vary between samples at init, least within a modality when 2D and 3D are mixed: a bare linear
+    head then gets almost no signal and the backbone does not fit the labels (RESULTS.md, "The supervised head")."""
+
+    def __init__(self, dim, n_out):
+        super().__init__()
+        self.norm = nn.ModuleList([nn.BatchNorm1d(dim, affine=False) for _ in ("2d", "3d")])
+        self.linear = nn.Linear(dim, n_out)
+
+    def forward(self, x, is3d):
+        out = torch.zeros_like(x)
+        for m, norm in enumerate(self.norm):
+            sel = is3d == bool(m)
+            if sel.sum() > (1 if self.training else 0):  # batch statistics need two views or more
+                out[sel] = norm(x[sel])
+        return self.linear(out)
+
+
+class Net(nn.Module):
+    """head(encoder(views)): one module for DDP; the supervised head is also told each view's modality."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, packed):
+        x = self.encoder(packed)
+        if not isinstance(self.head, SupervisedHead):
+            return self.head(x)
+        is3d = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device).index_fill_(0, packed.view_ids[packed.idx3d], True)
+        return self.head(x, is3d)
 
 
 def supervised_loss(logits, labels):
