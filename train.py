@@ -36,8 +36,9 @@ from model import ModelConfig, SparseMedicalViT, PRESETS
 # -----------------------------------------------------------------------------
 # data
 data_dir = "data/phantom"     # shard folder (python data.py ...); if empty or half made, the phantom world goes here
-batch_2d = 24                 # GLOBAL 2D samples per step, all ranks (paper: 256 in stage 1, 192 in stages 2-3)
-batch_3d = 8                  # GLOBAL 3D samples per step, all ranks (paper: 0 in stage 1, 64 in stages 2-3)
+batch_2d = 16                 # GLOBAL 2D samples per step, all ranks (paper: 256 in stage 1, 192 in stages 2-3)
+batch_3d = 16                 # GLOBAL 3D samples per step, all ranks (paper: 0 in stage 1, 64 in stages 2-3); the
+                              # CPU world's CT learns slowest, so it gets half of each step (RESULTS.md, "Batch 16 + 16")
 n_global = 2                  # global views per sample (paper: 2)
 n_local = 8                   # local views per sample (paper: 8)
 global_scale = (0.3, 1.0)     # global view size, fraction of image area (2D) or volume (3D) (paper)
