@@ -477,6 +477,8 @@ def test_supervised_head_standardises_within_each_modality():
         r = x[is3d == m]
         ref[is3d == m] = (r - r.mean(0)) / torch.sqrt(r.var(0, unbiased=False) + 1e-5)
     torch.testing.assert_close(head(x, is3d), head.linear(ref))
+    fresh = train.SupervisedHead(8, 5)  # one 3D view: standardised with the running statistics (still 0, 1)
+    torch.testing.assert_close(fresh(x, torch.arange(10) == 9)[9], fresh.linear(x[9] / (1 + 1e-5) ** 0.5))
     head.eval()  # running statistics, updated once from their init (mean 0, var 1) with momentum 0.1
     run = torch.zeros_like(x)
     for m in (False, True):

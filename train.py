@@ -334,10 +334,9 @@ def main(cfg: dict):
 
 
 class SupervisedHead(nn.Module):
-    """The supervised baseline's head: a linear map of the pooled features, standardised over the batch within each
-    modality (BatchNorm without affine, one per modality, as the probe's scaler and MAE's linear probe). Mean-pooled
-    features barely vary between samples at init, least within a modality when 2D and 3D are mixed: a bare linear
-    head then gets almost no signal and the backbone does not fit the labels (RESULTS.md, "The supervised head")."""
+    """Supervised baseline head: pooled features standardised over the batch within each modality (BatchNorm without
+    affine, as MAE's linear probe), then a linear map. A bare linear head barely trains the backbone: mean-pooled
+    features hardly differ between images at init (DESIGN.md, Training; RESULTS.md, "The supervised head")."""
 
     def __init__(self, dim, n_out):
         super().__init__()
@@ -348,7 +347,10 @@ class SupervisedHead(nn.Module):
         out = torch.zeros_like(x)
         for m, norm in enumerate(self.norm):
             sel = is3d == bool(m)
-            if sel.sum() > (1 if self.training else 0):  # batch statistics need two views or more
+            n = int(sel.sum())
+            if n == 1 and self.training:  # one view has no batch statistics: the running ones standardise it
+                out[sel] = F.batch_norm(x[sel], norm.running_mean, norm.running_var, eps=norm.eps)
+            elif n:
                 out[sel] = norm(x[sel])
         return self.linear(out)
 
