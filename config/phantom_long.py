@@ -1,4 +1,4 @@
-# The phantom world, longer: the main job's settings for 5x the steps (about 40 minutes on
+# The phantom world, longer: the main job's settings for 5x the steps (about 23-40 minutes on
 # 2 CPU cores), keeping a checkpoint every 600 steps so probe.py can show the trend.
 #   torchrun --standalone --nproc_per_node 2 train.py config/phantom_long.py
 #   python probe.py --ckpt=out/phantom_long/ckpt.pt
