@@ -465,26 +465,20 @@ def test_supervised_objective_with_nan_labels(fake_data, tmp_path):
 
 
 def test_supervised_head_standardises_within_each_modality():
-    """SupervisedHead == a naive loop: each modality's rows standardised with their own batch mean and (biased)
-    variance, then one linear map; in eval, the running statistics. A shared statistic would fail it."""
+    """SupervisedHead == standardising each modality's rows with their own batch mean and biased variance (a shared
+    statistic fails it), a lone view with the running ones, and in eval the running ones after one momentum-0.1 update."""
     torch.manual_seed(0)
-    head = train.SupervisedHead(8, 5)
-    x = torch.randn(10, 8) * torch.linspace(0.1, 3, 8)
-    x[5:] += 4.0  # the 3D rows sit far from the 2D ones, as pooled features of the two modalities do
-    is3d = torch.tensor([False] * 5 + [True] * 5)
-    ref = torch.empty_like(x)
+    head, fresh = train.SupervisedHead(8, 5), train.SupervisedHead(8, 5)
+    x = torch.randn(10, 8) * torch.linspace(0.1, 3, 8) + torch.tensor([0.0] * 5 + [4.0] * 5)[:, None]  # 3D rows apart
+    is3d = torch.arange(10) >= 5
+    ref, run = torch.empty_like(x), torch.empty_like(x)
     for m in (False, True):
         r = x[is3d == m]
         ref[is3d == m] = (r - r.mean(0)) / torch.sqrt(r.var(0, unbiased=False) + 1e-5)
+        run[is3d == m] = (r - 0.1 * r.mean(0)) / torch.sqrt(0.9 + 0.1 * r.var(0) + 1e-5)
     torch.testing.assert_close(head(x, is3d), head.linear(ref))
-    fresh = train.SupervisedHead(8, 5)  # one 3D view: standardised with the running statistics (still 0, 1)
     torch.testing.assert_close(fresh(x, torch.arange(10) == 9)[9], fresh.linear(x[9] / (1 + 1e-5) ** 0.5))
-    head.eval()  # running statistics, updated once from their init (mean 0, var 1) with momentum 0.1
-    run = torch.zeros_like(x)
-    for m in (False, True):
-        r = x[is3d == m]
-        run[is3d == m] = (r - 0.1 * r.mean(0)) / torch.sqrt(0.9 + 0.1 * r.var(0, unbiased=True) + 1e-5)
-    torch.testing.assert_close(head(x, is3d), head.linear(run))
+    torch.testing.assert_close(head.eval()(x, is3d), head.linear(run))
 
 
 def _train_ddp_worker(rank, world, port, cfg, out):

@@ -346,12 +346,10 @@ class SupervisedHead(nn.Module):
     def forward(self, x, is3d):
         out = torch.zeros_like(x)
         for m, norm in enumerate(self.norm):
-            sel = is3d == bool(m)
-            n = int(sel.sum())
-            if n == 1 and self.training:  # one view has no batch statistics: the running ones standardise it
-                out[sel] = F.batch_norm(x[sel], norm.running_mean, norm.running_var, eps=norm.eps)
-            elif n:
-                out[sel] = norm(x[sel])
+            rows = x[is3d == bool(m)]
+            if len(rows):  # batch statistics need two views; a lone one is standardised with the running ones
+                out[is3d == bool(m)] = F.batch_norm(rows, norm.running_mean, norm.running_var, training=self.training
+                                                    and len(rows) > 1, momentum=norm.momentum, eps=norm.eps)
         return self.linear(out)
 
 
