@@ -31,6 +31,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0      # MLP hidden = mlp_ratio * dim
     alpha: float = 128.0        # RoPE coordinate scale: positions live in [0, alpha]^3 (paper: 128)
     rope_base: float = 10000.0  # RoPE frequency base (paper: 10,000)
+    scale_2d: float = 1.0       # 2D patches enter the projection times this (1: the paper's literal zero-padding;
+                                # sqrt(P) puts 2D tokens on the 3D tokens' scale, see PatchEmbed)
 
 
 PRESETS = {  # head dims and RoPE pairs per axis: DESIGN.md, "The model"
@@ -41,18 +43,21 @@ PRESETS = {  # head dims and RoPE pairs per axis: DESIGN.md, "The model"
 
 
 class PatchEmbed(nn.Module):
-    """Linear projection of cubic P^3 patches; 2D patches with the one weight slice their image meets (DESIGN.md)."""
+    """Linear projection of cubic P^3 patches; 2D patches with the one weight slice their image meets (DESIGN.md).
+    A 2D token sums P^2 products, a 3D token P^3, so with scale_2d = 1 a 2D token is ~sqrt(P) smaller; scale_2d =
+    sqrt(P) is zero-padding an image whose one slice is sqrt(P) brighter (RESULTS.md, "2D tokens at the 3D scale")."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         P, C = cfg.patch, cfg.in_chans
+        self.scale_2d = cfg.scale_2d
         self.weight = nn.Parameter(torch.empty(cfg.dim, C, P, P, P))  # like a Conv3d(C, dim, P, stride=P)
         self.bias = nn.Parameter(torch.zeros(cfg.dim))
 
     def forward(self, packed: Packed) -> torch.Tensor:
         D = self.weight.shape[0]
         e3 = F.linear(packed.patches3d, self.weight.reshape(D, -1), self.bias)          # (S3, D)
-        e2 = F.linear(packed.patches2d, self.weight[:, :, 0].reshape(D, -1), self.bias)  # (S2, D)
+        e2 = F.linear(packed.patches2d, self.weight[:, :, 0].reshape(D, -1) * self.scale_2d, self.bias)  # (S2, D)
         x = e3.new_zeros(packed.num_tokens, D)
         return x.index_copy(0, packed.idx3d, e3).index_copy(0, packed.idx2d, e2.to(e3.dtype))  # (S, D)
 
@@ -107,7 +112,7 @@ class SparseMedicalViT(nn.Module):
     def init_weights(self):
         """All initialisation, in one place:
         - patch_embed.weight: trunc normal, std 0.02 (ViT); its bias 0. A 2D token sums P^2 terms, a 3D token
-          P^3, so at init 2D tokens are ~sqrt(P) smaller; the pre-norm blocks absorb that.
+          P^3, so at init 2D tokens are ~sqrt(P) smaller unless cfg.scale_2d = sqrt(P) (PatchEmbed).
         - every nn.Linear weight (qkv, proj, fc1, fc2): trunc normal, std 0.02; biases 0.
         - attn.proj and mlp.fc2 weights: std 0.02 / sqrt(2 * depth): residual variance stays flat with depth (GPT-2).
         - every LayerNorm: weight 1, bias 0."""

@@ -256,11 +256,13 @@ def test_attention_dispatch(monkeypatch):
 # -----------------------------------------------------------------------------
 # model.py
 
-def test_patch_embed_2d_equals_literal_zero_padding():
-    """The paper's recipe done literally (zero-pad a 2D image along depth to P, Conv3d) gives the same tokens."""
-    pe = tiny_model().patch_embed
+@pytest.mark.parametrize("scale_2d", [1.0, P ** 0.5])
+def test_patch_embed_2d_equals_literal_zero_padding(scale_2d):
+    """The paper's recipe done literally (zero-pad a 2D image along depth to P, Conv3d) gives the same tokens; with
+    scale_2d, zero-padding the image times scale_2d does."""
+    pe = tiny_model(scale_2d=scale_2d).patch_embed
     x2d, x3d = torch.randn(1, 28, 42), torch.randn(1, 28, 14, 42)
-    padded = F.pad(x2d[:, None], (0, 0, 0, 0, 0, P - 1))  # (C, P, H, W): image in depth slice 0
+    padded = F.pad(x2d[:, None] * scale_2d, (0, 0, 0, 0, 0, P - 1))  # (C, P, H, W): image in depth slice 0
     ref2 = F.conv3d(padded[None], pe.weight, pe.bias, stride=P)[0].flatten(1).T   # (gh*gw, D)
     ref3 = F.conv3d(x3d[None], pe.weight, pe.bias, stride=P)[0].flatten(1).T      # (gz*gh*gw, D)
     with torch.no_grad():
@@ -276,7 +278,7 @@ def naive_forward(m, view):
     cfg, D = m.cfg, m.cfg.dim
     x4 = view if view.dim() == 4 else view[:, None]
     if x4.shape[1] == 1:
-        x4 = F.pad(x4, (0, 0, 0, 0, 0, P - 1))
+        x4 = F.pad(x4 * cfg.scale_2d, (0, 0, 0, 0, 0, P - 1))
     x = F.conv3d(x4[None], m.patch_embed.weight, m.patch_embed.bias, stride=P)[0]  # (D, gz, gh, gw)
     gz, gh, gw = x.shape[1:]
     x = x.flatten(1).T
@@ -295,7 +297,7 @@ def naive_forward(m, view):
 
 def test_model_matches_naive_forward():
     """Each view alone, and bench.py's padded batch of them (key-padding mask, masked mean), against the loop."""
-    m, vs = tiny_model(), mixed_views(4)[:5]
+    m, vs = tiny_model(scale_2d=P ** 0.5), mixed_views(4)[:5]  # the main job's 2D scale; 1.0: the test above
     with torch.no_grad():
         ref = torch.stack([naive_forward(m, v) for v in vs])
         torch.testing.assert_close(torch.cat([m([v]) for v in vs]), ref, rtol=1e-4, atol=1e-4)  # each packed alone
@@ -451,8 +453,9 @@ def test_resume_is_exact(fake_data, tmp_path):
     assert any(not torch.equal(fresh[k], straight[k]) for k in straight)
 
 
-def test_supervised_objective_with_nan_labels(fake_data, tmp_path):
-    net = train.main(train_cfg(fake_data, str(tmp_path), objective="supervised", max_iters=3))
+@pytest.mark.parametrize("sup_views", ["whole", "global"])
+def test_supervised_objective_with_nan_labels(fake_data, tmp_path, sup_views):
+    net = train.main(train_cfg(fake_data, str(tmp_path), objective="supervised", sup_views=sup_views, max_iters=3))
     assert net.head.linear.weight.shape == (5, net.encoder.cfg.dim)
     log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
@@ -462,6 +465,24 @@ def test_supervised_objective_with_nan_labels(fake_data, tmp_path):
     bce, _, _ = train.supervised_loss(logits, labels)
     ref = (math.log(2) + math.log(1 + math.e ** -1) + math.log(2)) / 3
     assert bce.item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_view_maker_gives_each_objective_its_views(fake_data, tmp_path):
+    """Supervised with sup_views='whole': V_g unjittered blocks of >= 3/4 of the image (a brute-force search finds each
+    in it); 'global': V_g jittered views; LeJEPA: V_g + V_l."""
+    rng = np.random.default_rng(0)
+    for img in (rng.integers(-127, 128, (1, 70, 98), dtype=np.int8), rng.integers(-127, 128, (1, 28, 42, 56), dtype=np.int8)):
+        cfg = train_cfg(fake_data, str(tmp_path), objective="supervised")
+        crops, aug = train.view_maker(cfg)(img, rng)
+        assert len(crops) == 2 and (aug[:, :3] == np.array([1.0, 0.0, 0.0])).all()
+        for c in crops:
+            assert c.size >= 0.75 * img.size and any(np.array_equal(c, img[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(off, c.shape[1:]))])
+                                                    for off in np.ndindex(*(s - n + 1 for s, n in zip(img.shape[1:], c.shape[1:]))))
+        for objective, sup_views, n in (("supervised", "global", 2), ("lejepa", "whole", 10)):
+            crops, aug = train.view_maker({**cfg, "objective": objective, "sup_views": sup_views})(img, rng)
+            assert len(crops) == n and crops[-1].size < img.size and (aug[:, 0] != 1).all()
+    with pytest.raises(ValueError, match="sup_views='crops'"):
+        train.main(train_cfg(fake_data, str(tmp_path), objective="supervised", sup_views="crops"))
 
 
 def test_supervised_head_standardises_within_each_modality():

@@ -50,10 +50,14 @@ num_workers = 1               # DataLoader worker processes per rank (one keeps 
 skip_bad_samples = False      # a sample that fails to read stops the run; True: the next replaces it (warned, counted)
 # model
 preset = "tiny"               # 'tiny' | 'small' (ViT-S) | 'base' (ViT-B), see model.PRESETS
+scale_2d = 14 ** 0.5          # 2D patches x this in the patch embedding: sqrt(P) gives 2D tokens the 3D tokens' scale
+                              # (paper: 1, literal zero-padding; at 1 2D supervision fails at this lr: RESULTS.md)
 proj_hidden = 1024            # LeJEPA projector MLP hidden width
 proj_dim = 128                # projector output: the space SIGReg and L_pred act on
 # objective
 objective = "lejepa"          # 'lejepa' (self-supervised) | 'supervised' (linear head + masked BCE, baseline)
+sup_views = "whole"           # the supervised baseline's input: 'whole' (n_global views of the whole image, no jitter:
+                              # what its labels describe and the probe sees) | 'global' (LeJEPA's global views, jitter)
 lam = 0.17                    # SIGReg weight: loss = (1-lam)*pred + lam*sigreg (paper: 0.025 at batch 256,
                               # with lam/(1-lam)*N held at the paper's 6.56: N = 32 samples -> 0.17; see lejepa.py)
 num_slices = 1024             # random 1D projections per SIGReg evaluation (LeJEPA default)
@@ -198,12 +202,15 @@ def main(cfg: dict):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
     torch.manual_seed(cfg["seed"])
     torch.use_deterministic_algorithms(cfg["deterministic"])
+    for name, allowed in (("objective", ("lejepa", "supervised")), ("sup_views", ("whole", "global"))):
+        if cfg[name] not in allowed:
+            raise ValueError(f"{name}={cfg[name]!r}: expected one of {allowed}")
     for name in ("batch_2d", "batch_3d"):
         assert cfg[name] % world == 0, f"{name}={cfg[name]} must be divisible by the world size {world}"
     b2d, b3d = cfg["batch_2d"] // world, cfg["batch_3d"] // world  # this rank's share
 
     # --- model and its checkpoint, matched to the config BEFORE any data is made: a bad one fails in seconds
-    mcfg = ModelConfig(**PRESETS[cfg["preset"]])
+    mcfg = ModelConfig(**PRESETS[cfg["preset"]], scale_2d=cfg["scale_2d"])
     encoder = SparseMedicalViT(mcfg)
     head = (Projector(mcfg.dim, cfg["proj_hidden"], cfg["proj_dim"]) if cfg["objective"] == "lejepa"
             else SupervisedHead(mcfg.dim, len(adapters.LABELS)))
@@ -236,17 +243,14 @@ def main(cfg: dict):
         dist.barrier()  # collective: every rank waits for the data
     ds2d, ds3d = (data.ShardDataset(cfg["data_dir"], split="train", modality=m) if b else None
                   for m, b in (("2d", b2d), ("3d", b3d)))
-    crop = views.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"], global_scale=cfg["global_scale"],
-                          local_scale=cfg["local_scale"], zoom=cfg["view_zoom"], brightness=cfg["view_intensity"][0],
-                          contrast=cfg["view_intensity"][1], noise=cfg["view_intensity"][2])
+    crop = view_maker(cfg)
     model = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else net
     info = run_info(device)
     print0(f"config: {json.dumps(cfg)}\nrun: {json.dumps(info)} | world size {world} | dtype {dt}\n"
            f"{encoder.describe(device, torch.bfloat16 if dt == 'bfloat16' else torch.float32)}\n"
            f"head: {sum(p.numel() for p in head.parameters()) / 1e6:.2f}M params ({cfg['objective']})")
 
-    # the supervised baseline sees only the global views (whole-ish images), LeJEPA all of them
-    V = cfg["n_global"] + cfg["n_local"] if cfg["objective"] == "lejepa" else cfg["n_global"]
+    V = crop.n_global + crop.n_local  # LeJEPA: V_g + V_l; supervised: V_g
     second = "sigreg" if cfg["objective"] == "lejepa" else "bce"  # the loss's second logged term
     # the workers crop, cut micro-batches under token_budget and pack; this process only moves them
     loader = data.make_loader(ds2d, ds3d, b2d, b3d, rank=rank, world_size=world, seed=cfg["seed"], start_step=start_step,
@@ -331,6 +335,19 @@ def main(cfg: dict):
         del model  # the DDP wrapper must go before its process group (else exit can hang or abort)
         dist.destroy_process_group()
     return net
+
+
+def view_maker(cfg: dict) -> views.MultiCrop:
+    """LeJEPA's global + local views with per-view jitter. The supervised baseline: with sup_views='whole' V_g views
+    of the whole image (scale 1; only the aspect jitter trims an edge), unjittered (RESULTS.md, "The supervised
+    views"); with 'global' LeJEPA's global views alone."""
+    if cfg["objective"] == "supervised" and cfg["sup_views"] == "whole":
+        return views.MultiCrop(n_global=cfg["n_global"], n_local=0, global_scale=(1.0, 1.0), brightness=0.0,
+                               contrast=0.0, noise=0.0)
+    n_local = cfg["n_local"] if cfg["objective"] == "lejepa" else 0
+    return views.MultiCrop(n_global=cfg["n_global"], n_local=n_local, global_scale=cfg["global_scale"],
+                           local_scale=cfg["local_scale"], zoom=cfg["view_zoom"], brightness=cfg["view_intensity"][0],
+                           contrast=cfg["view_intensity"][1], noise=cfg["view_intensity"][2])
 
 
 class SupervisedHead(nn.Module):

@@ -5,6 +5,7 @@
 data_dir = "data/paper"
 batch_2d, batch_3d = 256, 0  # paper: 256 2D, no 3D
 preset = "small"       # ViT-S/14 (the paper does not name the size; see README)
+scale_2d = 1.0         # paper: literal zero-padding (the CPU main job uses sqrt(14); see train.py)
 proj_hidden = 2048     # LeJEPA projector: 2 hidden layers of 2048, output 128
 lam = 0.025            # paper
 learning_rate = 1e-4   # paper
