@@ -45,7 +45,7 @@ PRESETS = {  # head dims and RoPE pairs per axis: DESIGN.md, "The model"
 class PatchEmbed(nn.Module):
     """Linear projection of cubic P^3 patches; 2D patches with the one weight slice their image meets (DESIGN.md).
     A 2D token sums P^2 products, a 3D token P^3, so with scale_2d = 1 a 2D token is ~sqrt(P) smaller; scale_2d =
-    sqrt(P) is zero-padding an image whose one slice is sqrt(P) brighter (RESULTS.md, "2D tokens at the 3D scale")."""
+    sqrt(P) is zero-padding an image whose one slice is sqrt(P) brighter (DESIGN.md, "2D tokens at the 3D scale")."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -2062,6 +2062,9 @@ def test_checkpoint_from_another_config_lists_keys_and_shapes(shards, tmp_path):
                                          r"use the same --preset") as e:
         train.main(fast_cfg(shards, out, max_iters=2, init_from="resume", proj_hidden=32))
     assert "  shape: net.0.weight: checkpoint (64, 192) vs model (32, 192)\n" in str(e.value)
+    # a field no shape shows: the 2D patch scale
+    with pytest.raises(ValueError, match=r"ckpt.pt: its model has scale_2d=3\.74\d*, this run 1\.0; pass --scale_2d=3\.74"):
+        train.main(fast_cfg(shards, out, max_iters=2, init_from="resume", scale_2d=1.0))
     # encoder: another depth and width; the listed keys against sets computed here
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
     small = SparseMedicalViT(ModelConfig(dim=48, depth=1, heads=2))

@@ -51,7 +51,7 @@ skip_bad_samples = False      # a sample that fails to read stops the run; True:
 # model
 preset = "tiny"               # 'tiny' | 'small' (ViT-S) | 'base' (ViT-B), see model.PRESETS
 scale_2d = 14 ** 0.5          # 2D patches x this in the patch embedding: sqrt(P) gives 2D tokens the 3D tokens' scale
-                              # (paper: 1, literal zero-padding; at 1 2D supervision fails at this lr: RESULTS.md)
+                              # (paper: 1, literal zero-padding; at 1, 2D supervision learns or not by the seed here)
 proj_hidden = 1024            # LeJEPA projector MLP hidden width
 proj_dim = 128                # projector output: the space SIGReg and L_pred act on
 # objective
@@ -227,6 +227,12 @@ def main(cfg: dict):
         path = ckpt_path if cfg["init_from"] == "resume" else cfg["init_from"]
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
         load_weights(encoder, ckpt["model"], path, "model")
+        saved = {**asdict(ModelConfig()), **ckpt.get("model_cfg", asdict(mcfg))}  # what shapes cannot show (scale_2d)
+        diff = [k for k, v in asdict(mcfg).items() if saved[k] != v]
+        if diff:
+            raise ValueError(f"checkpoint {path}: its model has " + ", ".join(f"{k}={saved[k]!r}" for k in diff) +
+                             ", this run " + ", ".join(f"{getattr(mcfg, k)!r}" for k in diff) + "; pass " +
+                             " ".join(f"--{k}={saved[k]!r}" if k in cfg else "--preset=<its preset>" for k in diff))
         if cfg["init_from"] == "resume":
             load_weights(head, ckpt["head"], path, "head")
             opt.load_state_dict(ckpt["optimizer"])
