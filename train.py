@@ -347,13 +347,12 @@ def view_maker(cfg: dict) -> views.MultiCrop:
     """LeJEPA's global + local views with per-view jitter. The supervised baseline: with sup_views='whole' V_g views
     of the whole image (scale 1; only the aspect jitter trims an edge), unjittered (RESULTS.md, "The supervised
     views"); with 'global' LeJEPA's global views alone."""
-    if cfg["objective"] == "supervised" and cfg["sup_views"] == "whole":
-        return views.MultiCrop(n_global=cfg["n_global"], n_local=0, global_scale=(1.0, 1.0), brightness=0.0,
-                               contrast=0.0, noise=0.0)
-    n_local = cfg["n_local"] if cfg["objective"] == "lejepa" else 0
-    return views.MultiCrop(n_global=cfg["n_global"], n_local=n_local, global_scale=cfg["global_scale"],
-                           local_scale=cfg["local_scale"], zoom=cfg["view_zoom"], brightness=cfg["view_intensity"][0],
-                           contrast=cfg["view_intensity"][1], noise=cfg["view_intensity"][2])
+    whole = cfg["objective"] == "supervised" and cfg["sup_views"] == "whole"
+    brightness, contrast, noise = (0.0, 0.0, 0.0) if whole else cfg["view_intensity"]
+    return views.MultiCrop(n_global=cfg["n_global"], n_local=cfg["n_local"] if cfg["objective"] == "lejepa" else 0,
+                           global_scale=(1.0, 1.0) if whole else cfg["global_scale"], local_scale=cfg["local_scale"],
+                           zoom=(1.0, 1.0) if whole else cfg["view_zoom"], brightness=brightness, contrast=contrast,
+                           noise=noise)
 
 
 class SupervisedHead(nn.Module):
