@@ -1,13 +1,16 @@
 """
 Measure the efficiency claim of paper section 2.1.2 (packing removes padding overhead) and where time goes,
 on this device (medians after a warm-up): 1. a LeJEPA step packed vs padded to the longest view (FLOPs and
-time ratios), 2. scaling with the batch and each part's share, 3. loader views/s per worker, 4. CUDA: model
-vs matmul TFLOP/s, 5. the host at the paper's per-rank share. The last line printed is one JSON of it all.
+time ratios), 2. scaling with the batch and each part's share, 3. loader views/s per worker, 4. model FLOP/s
+against the same run's matmul FLOP/s (CPU: the main job's model and dtype; CUDA: small and base in bf16 on each
+attention path, with peak memory at two token budgets), 5. the host at the paper's per-rank share. The last line
+printed is one JSON of it all.
 
-    python bench.py                      # CPU: tiny preset, ~2 minutes
-    python bench.py --preset=small       # CUDA: also model TFLOP/s vs the device's matmul TFLOP/s
+    python bench.py                      # CPU: tiny preset, ~3 minutes
+    bash bench_gpu.sh                    # one GPU: this, plus a profiled torchrun of the main job (< 8 minutes)
 """
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +28,7 @@ import views
 from lejepa import Projector, lejepa_loss
 from model import ModelConfig, SparseMedicalViT, PRESETS
 from rope3d import apply_rope_cs, rope_cos_sin
-from train import configure
+from train import configure, resolve_dtype
 
 # -----------------------------------------------------------------------------
 preset = "tiny"            # model preset for parts 1-2 ('tiny' | 'small' | 'base')
@@ -40,6 +43,8 @@ seed = 0
 host_2d, host_3d = 96, 32  # part 5: one rank's share of the paper's step on 2 GPUs (192 2D + 64 3D samples)
 host_token_budget = 32768  # part 5: tokens per micro-batch
 gpu_step_ms = 40.0         # part 5: the GPU step the workers must keep up with (ViT-S, 83k tokens, H100 at 40% MFU)
+dtype = "auto"             # part 4 on CPU: the main job's choice ('auto': bf16 where the CPU has it natively)
+token_budgets = (16384, 65536)  # part 4 on CUDA: peak memory of a step cut into micro-batches of these many tokens
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
 
@@ -133,16 +138,15 @@ def host(cfg, dev, sync) -> dict:
             t0, c0 = time.perf_counter(), time.thread_time()
             b = next(it)  # as train.py: the previous batch goes here
             t1, c1 = time.perf_counter(), time.thread_time()
-            micro = [(pk.to(dev, non_blocking=True), aug)  # augment() moves aug (checked on the host)
-                     for pk, aug, _ in data.micro_batches(b, len(b["micro"]))]
+            nbytes = sum(t.nbytes for t in [*b["packed"].tensors(), b["aug"]])  # what goes to the device
+            b = dict(b, packed=b["packed"].to(dev, non_blocking=True))  # as data.ToDevice: one copy of the step
+            micro = data.micro_batches(b, len(b["micro"]))  # cut on the device; augment() moves aug
             t2, c2 = time.perf_counter(), time.thread_time()
-            for pk, aug in micro:
+            for pk, aug, _ in micro:
                 views.augment(pk, aug)
             sync()
-            rows.append((t1 - t0, c1 - c0, t2 - t1, c2 - c1, time.perf_counter() - t2,
-                      sum(t.nbytes for pk, aug in micro for t in [*vars(pk).values(), *pk.groups[:2], aug]
-                          if isinstance(t, torch.Tensor))))  # bytes .to(device) moves
-        tokens = sum(pk.num_tokens for pk, _ in micro)
+            rows.append((t1 - t0, c1 - c0, t2 - t1, c2 - c1, time.perf_counter() - t2, nbytes))
+        tokens = sum(pk.num_tokens for pk, _, _ in micro)
     recv, recv_cpu, main, main_cpu, prep, nbytes = (statistics.median(col) for col in zip(*rows))
     out = dict(host_main_ms=1e3 * main, host_main_cpu_ms=1e3 * main_cpu, host_receive_ms=1e3 * recv,
                host_receive_cpu_ms=1e3 * recv_cpu, host_worker_ms=1e3 * worker, host_bytes=nbytes,
@@ -229,9 +233,8 @@ def main(cfg):
     out["workers_needed"] = (cfg["samples_2d"] / out["loader_views_s_2d"] + cfg["samples_3d"] / out["loader_views_s_3d"]) * V / t_packed
     print(f"   workers needed to feed the measured packed step: {out['workers_needed']:.2f}")
 
-    # 4. CUDA: model FLOP/s against the device's own matmul FLOP/s
-    if dev.type == "cuda":
-        out["cuda"] = cuda_utilisation(ds2d, ds3d, crop, cfg, sync)
+    # 4. model FLOP/s against the device's own matmul FLOP/s
+    out["utilisation"] = utilisation(ds2d, ds3d, crop, cfg, dev, sync)
     out.update(host(cfg, dev, sync))
     print(json.dumps(out))
     return out
@@ -266,31 +269,60 @@ def breakdown(enc, proj, opt, packed, V, B, amp, sync, reps):
     return parts
 
 
-def cuda_utilisation(ds2d, ds3d, crop, cfg, sync) -> dict:
-    n = 8192
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    t = median_time(lambda: a @ b, 10, sync)
-    peak = 2 * n ** 3 / t / 1e12
-    res = {"matmul_bf16_tflops": peak}
-    print(f"\n4. CUDA: bf16 {n}^3 matmul {peak:.0f} TFLOP/s")
-    paths = ["flash"] if pack.flash_attn_varlen_func is not None else []
-    paths += ["torch_varlen"] if pack.varlen_attn is not None else []
-    for name in ("small", "base"):
+def accumulated_step(enc, proj, opt, batch, V, amp):
+    """One optimizer step over the batch's micro-batches (as train.py cuts them), on the batch's device."""
+    micro = data.micro_batches(batch, len(batch["micro"]))
+    for pk, aug, (a, b) in micro:
+        with amp:
+            z = proj(enc(views.augment(pk, aug))).float().view(b - a, V, -1).transpose(0, 1)  # (V, b, K)
+            loss = lejepa_loss(z, n_global=2, lam=0.025, num_slices=1024, step=0)[0]
+        (loss / len(micro)).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def utilisation(ds2d, ds3d, crop, cfg, dev, sync) -> dict:
+    """Model FLOP/s of a training step against this run's own n^3 matmul in the same dtype. CPU: the main job's
+    preset and dtype on the reference batch; CUDA: small and base in bf16 on each attention path that is installed,
+    and the peak memory of a 48 + 16 sample step cut at each of token_budgets."""
+    cuda = dev.type == "cuda"
+    dt = torch.bfloat16 if cuda or resolve_dtype(cfg["dtype"], dev) == "bfloat16" else torch.float32
+    n = 8192 if cuda else 2048
+    a, b = (torch.randn(n, n, device=dev, dtype=dt) for _ in range(2))
+    peak = 2 * n ** 3 / median_time(lambda: a @ b, 10 if cuda else 3, sync)
+    res = {"dtype": str(dt).split(".")[1], "matmul_flops": peak}
+    print(f"\n4. model FLOP/s against a {n}^3 {res['dtype']} matmul's {peak / 1e12:.2f} TFLOP/s on this device")
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dt == torch.bfloat16 else contextlib.nullcontext()
+    paths = ([p for p, ok in (("flash", pack.flash_attn_varlen_func), ("torch_varlen", pack.varlen_attn)) if ok is not None]
+             if cuda else ["exact"])
+    for name in ("small", "base") if cuda else (cfg["preset"],):
+        torch.manual_seed(cfg["seed"])
         mcfg = ModelConfig(**PRESETS[name])
-        enc, proj = SparseMedicalViT(mcfg).cuda(), Projector(mcfg.dim, 1024, 128).cuda()
-        opt = torch.optim.AdamW(list(enc.parameters()) + list(proj.parameters()), lr=1e-4, fused=True)
-        packed, V = reference_batch(ds2d, ds3d, 48, 16, crop, cfg["seed"], torch.device("cuda"))
+        enc, proj = SparseMedicalViT(mcfg).to(dev), Projector(mcfg.dim, 1024, 128).to(dev)
+        opt = torch.optim.AdamW(list(enc.parameters()) + list(proj.parameters()), lr=1e-4, fused=cuda or None)
+        n2, n3 = (48, 16) if cuda else (cfg["samples_2d"], cfg["samples_3d"])
+        packed, V = reference_batch(ds2d, ds3d, n2, n3, crop, cfg["seed"], dev)
         flops = step_flops(mcfg, packed.seqlens, sum(p.numel() for p in proj.parameters()))
-        for path in paths:
+        for path in paths or ["exact"]:
             saved = pack.flash_attn_varlen_func
             if path == "torch_varlen":
                 pack.flash_attn_varlen_func = None  # dispatch falls through to torch's varlen_attn
-            amp = torch.autocast("cuda", dtype=torch.bfloat16)
-            t = median_time(lambda: lejepa_step(enc, proj, opt, packed, 64, V, amp), cfg["reps"], sync)
+            t = median_time(lambda: lejepa_step(enc, proj, opt, packed, n2 + n3, V, amp), cfg["reps"], sync)
+            row = {"flops": flops / t, "of_matmul": flops / t / peak}
+            if cuda:  # memory is bounded by the token budget, not by the batch
+                for budget in cfg["token_budgets"]:
+                    b = next(iter(data.make_loader(ds2d, ds3d, n2, n3, seed=cfg["seed"], crop=crop, stop_step=1,
+                                                   token_budget=budget, pin_memory=True)))
+                    b = dict(b, packed=b["packed"].to(dev, non_blocking=True))
+                    torch.cuda.reset_peak_memory_stats()
+                    accumulated_step(enc, proj, opt, b, V, amp)
+                    sync()
+                    row[f"peak_gib_at_{budget}"] = torch.cuda.max_memory_allocated() / 2 ** 30
             pack.flash_attn_varlen_func = saved
-            tf = flops / t / 1e12
-            res.update({f"{name}_{path}_tflops": tf, f"{name}_{path}_mfu": tf / peak})
-            print(f"   {name:5s} {path:12s} {t * 1e3:7.1f} ms/step  {tf:6.1f} TFLOP/s  = {tf / peak:.0%} of matmul")
+            res[f"{name}_{path}"] = row
+            print(f"   {name:5s} {path:12s} {t * 1e3:8.1f} ms/step  {row['flops'] / 1e12:7.3f} TFLOP/s = "
+                  f"{row['of_matmul']:.1%} of the matmul's" + "".join(f"  peak {v:.2f} GiB at {k.split('_')[-1]} tokens"
+                                                                      for k, v in row.items() if k.startswith("peak")))
     return res
 
 

@@ -12,6 +12,7 @@ Usage: python data.py <name> --root R --out O [--workers N]     (python data.py 
 """
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -530,6 +531,36 @@ def make_loader(ds2d, ds3d, b2d: int, b3d: int, rank: int = 0, world_size: int =
     steps = range(start_step, stop_step if stop_step is not None else 1 << 62)  # the sampler yields step numbers
     return torch.utils.data.DataLoader(ds, batch_size=None, sampler=steps, num_workers=workers, pin_memory=pin_memory,
                                        persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+
+
+class ToDevice:
+    """The loader's batches with their Packed on `device`. On CUDA the copy runs on a side stream from pinned memory:
+    prefetch() starts the next batch's copy while this step still computes, next() makes the compute stream wait for
+    it (on the GPU, not the host). Elsewhere a plain .to(). Slices of it (micro_batches) stay on the device."""
+
+    def __init__(self, loader, device: torch.device):
+        self.it, self.device, self.ahead = iter(loader), device, None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def prefetch(self):
+        """Take the next batch from the loader and start its copy (waits only for the loader's worker)."""
+        if self.ahead is None:
+            batch = next(self.it)
+            with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
+                self.ahead = dict(batch, packed=batch['packed'].to(self.device, non_blocking=True))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        self.prefetch()  # a no-op if the loop already started it
+        batch, self.ahead = self.ahead, None
+        if self.stream:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self.stream)  # the GPU waits for the copy; the host goes on
+            for t in batch['packed'].tensors():  # made on the side stream, used on this one: not reused too early
+                t.record_stream(compute)
+        return batch
 
 
 def pad_to_patches(x: np.ndarray, patch: int = PATCH) -> np.ndarray:

@@ -7,6 +7,9 @@ epps_pulley (each column against N(0, 1), by quadrature), sigreg (its mean over 
 and the Projector. Under DDP each rank gets the GLOBAL batch's statistic, with exact gradients; all runs in fp32.
 """
 
+import contextlib
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
@@ -20,6 +23,12 @@ NUM_SLICES = 1024  # random directions per SIGReg evaluation (LeJEPA's recommend
 # L_pred is the MEAN over feature dims, as the official LeJEPA code (its lambdas go with it); SIGReg grows
 # with the N samples of one evaluation, so lam/(1-lam) * N sets the balance (DESIGN.md, "The loss")
 LAM = 0.025
+
+
+def fp32(device: torch.device):
+    """Autocast off: the statistic in fp32 (the meta device of the tests has no autocast to turn off)."""
+    return (torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type)
+            else contextlib.nullcontext())
 
 
 class _CosSinSums(torch.autograd.Function):
@@ -44,7 +53,7 @@ class _CosSinSums(torch.autograd.Function):
 def epps_pulley(x: torch.Tensor) -> torch.Tensor:
     """EP = N * integral_R |phi_N(t) - exp(-t^2/2)|^2 * exp(-t^2/2) dt, phi_N(t) = mean_j exp(i t x_j), of each
     column of x (N, M) against N(0, 1), fp32 -> (M,); under a process group, of the batch over all ranks."""
-    with torch.autocast(x.device.type, enabled=False):
+    with fp32(x.device):
         x = x.float()
         t = torch.linspace(0.0, T_MAX, N_KNOTS, device=x.device)  # (T,)
         gauss = torch.exp(-0.5 * t * t)  # (T,) the N(0,1) characteristic function, also the window
@@ -53,7 +62,7 @@ def epps_pulley(x: torch.Tensor) -> torch.Tensor:
         w = torch.full_like(t, 2 * h)
         w[0] = w[-1] = h
         sums = _CosSinSums.apply(x.t(), t)  # (2, M, T)
-        n = torch.tensor(float(x.shape[0]), device=x.device)
+        n = x.new_full((), x.shape[0])  # made on the device: torch.tensor(N, device=cuda) would wait for the GPU
         if dist.is_available() and dist.is_initialized():
             # collective. The autograd-aware all_reduce RETURNS the sum (its input is untouched: using it would
             # silently give the local statistic); its backward sums the gradient over ranks, world_size times the
@@ -65,18 +74,21 @@ def epps_pulley(x: torch.Tensor) -> torch.Tensor:
         return n * (err @ (w * gauss))  # (M,)
 
 
+@functools.lru_cache(maxsize=2)  # drawn once per step and device, however many micro-batches the step has
 def random_directions(dim: int, num_slices: int, step: int, device=None) -> torch.Tensor:
-    """(dim, num_slices) unit columns from `step` alone (CPU, fp32): the same on every rank, device and resume."""
+    """(dim, num_slices) unit columns from `step` alone (drawn on the CPU, fp32): the same on every rank, device and
+    resume. To a GPU from pinned memory, without waiting: the host goes on queueing work."""
     a = torch.randn(dim, num_slices, generator=torch.Generator(device="cpu").manual_seed(int(step)))  # (K, M)
     # guard a zero-norm column: 0/0 would be NaN (a failure seen with bf16 directions elsewhere)
-    return (a / a.norm(dim=0, keepdim=True).clamp_min(1e-12)).to(device)
+    a = a / a.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    return (a.pin_memory() if torch.device(device or "cpu").type == "cuda" else a).to(device, non_blocking=True)
 
 
 def sigreg(z: torch.Tensor, num_slices: int = NUM_SLICES, step: int = 0) -> torch.Tensor:
     """Mean Epps-Pulley statistic of z (N, K), or per view of z (V, N, K), over random unit directions, in fp32."""
     views = z if z.dim() == 3 else z.unsqueeze(0)  # (V, N, K)
     V, N, K = views.shape
-    with torch.autocast(z.device.type, enabled=False):  # the projection too: bf16 would round x to 3 digits
+    with fp32(z.device):  # the projection too: bf16 would round x to 3 digits
         a = random_directions(K, num_slices, step, z.device)  # (K, M)
         x = views.float() @ a  # (V, N, M)
         x = x.transpose(0, 1).reshape(N, V * num_slices)  # (N, V*M): each column one view's slice
@@ -90,7 +102,7 @@ def lejepa_loss(z: torch.Tensor, n_global: int = 2, lam: float = LAM, num_slices
     if z.dim() != 3 or not 1 <= n_global <= z.shape[0]:
         raise ValueError(f"lejepa.lejepa_loss: expected z of shape (V, N, K) with 1 <= n_global <= V, got "
                          f"{tuple(z.shape)} and n_global={n_global}; reshape the projector output view-major")
-    with torch.autocast(z.device.type, enabled=False):
+    with fp32(z.device):
         z = z.float()
         mu = z[:n_global].mean(0)  # (N, K)
         pred = (mu - z).pow(2).mean()  # mean over views, samples and feature dims (see LAM above)

@@ -11,13 +11,14 @@ SparseMedicalViT: one vision transformer for 2D radiographs and 3D CT (paper sec
 Usage: SparseMedicalViT(ModelConfig(**PRESETS['small']))([xray_224x196, ct_56x112x98])  -> (2, 384)
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pack import Packed, pack_views, pool_views, varlen_attention, attention_path
+from pack import Packed, attention_path, length_groups, pack_views, pool_views, varlen_attention
 from rope3d import rope_cos_sin, apply_rope_cs
 
 
@@ -58,8 +59,10 @@ class PatchEmbed(nn.Module):
         D = self.weight.shape[0]
         e3 = F.linear(packed.patches3d, self.weight.reshape(D, -1), self.bias)          # (S3, D)
         e2 = F.linear(packed.patches2d, self.weight[:, :, 0].reshape(D, -1) * self.scale_2d, self.bias)  # (S2, D)
-        x = e3.new_zeros(packed.num_tokens, D)
-        return x.index_copy(0, packed.idx3d, e3).index_copy(0, packed.idx2d, e2.to(e3.dtype))  # (S, D)
+        # the residual stream starts in the weights' dtype (fp32), not autocast's bf16 output: every block adds to
+        # it in fp32 and only the matmuls run in bf16 (nanoGPT's embedding does the same)
+        x = self.weight.new_zeros(packed.num_tokens, D)
+        return x.index_copy(0, packed.idx3d, e3.to(x.dtype)).index_copy(0, packed.idx2d, e2.to(x.dtype))  # (S, D)
 
 
 class Attention(nn.Module):
@@ -139,6 +142,11 @@ class SparseMedicalViT(nn.Module):
         packed = views_or_packed if isinstance(views_or_packed, Packed) else self.pack(views_or_packed)
         x = self.patch_embed(packed)  # (S, D)
         rope = rope_cos_sin(packed.coords, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)  # once per forward
+        amp = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if amp else x.dtype  # what q, k, v will be
+        if packed.groups is None and attention_path(x.device, dtype).startswith("exact"):
+            # a micro-batch sliced on a GPU has no length groups; the fused kernels need none, the exact path does
+            packed = dataclasses.replace(packed, groups=length_groups(packed.seqlens, x.device))
         for block in self.blocks:
             x = block(x, rope, packed)
         return self.norm(x), packed
@@ -149,5 +157,8 @@ class SparseMedicalViT(nn.Module):
         return pool_views(*self.forward_tokens(views_or_packed))
 
     def describe(self, device, dtype) -> str:
+        path = attention_path(torch.device(device), dtype)
+        slow = torch.device(device).type == "cuda" and path.startswith("exact")
         return (f"SparseMedicalViT {self.cfg} | {sum(p.numel() for p in self.parameters()) / 1e6:.2f}M params | "
-                f"attention path: {attention_path(torch.device(device), dtype)}")
+                f"attention path: {path}" + (" | warning: slow on a GPU; pip install flash-attn (bf16), or use "
+                                             "torch>=2.10 for its varlen_attn" if slow else ""))

@@ -45,8 +45,10 @@ class Packed:
     view_ids: torch.Tensor    # (S,) long, view index of each token
     seqlens: list             # N python ints: tokens per view (host copy, no device sync)
     max_seqlen: int           # longest view, python int (flash-attn needs it on the host)
-    grids: list               # N tuples (gz, gh, gw); gz == 1 for 2D views
-    groups: tuple             # (perm, inv, [(L, n), ...]): views grouped by length, for the CPU path
+    grids: list               # N tuples (gz, gh, gw); gz == 1 for 2D views (and for 3D views one patch deep)
+    is2d: list                # N python bools: a 2D view (host copy: slicing needs no device sync)
+    groups: tuple | None      # (perm, inv, [(L, n), ...]): views grouped by length, for the exact attention path;
+                              # None on a device slice (the model builds them there only if the exact path runs)
 
     @property
     def num_views(self) -> int:
@@ -60,14 +62,13 @@ class Packed:
         """Pickled (from a worker) as 4 tensors, not 9: each costs ~0.5 ms to hand over (a file descriptor)."""
         ints = [self.idx2d, self.idx3d, self.view_ids, self.cu_seqlens.long(), *self.groups[:2]]
         return _unflatten, (self.patches2d, self.patches3d, self.coords, torch.cat(ints), [t.numel() for t in ints],
-                            self.seqlens, self.max_seqlen, self.grids, self.groups[2])
+                            self.seqlens, self.max_seqlen, self.grids, self.is2d, self.groups[2])
 
     def _map(self, fn):
         """A Packed with fn applied to every tensor; the host metadata is shared."""
-        perm, inv, shapes = self.groups
+        groups = None if self.groups is None else (fn(self.groups[0]), fn(self.groups[1]), self.groups[2])
         return Packed(fn(self.patches2d), fn(self.patches3d), fn(self.idx2d), fn(self.idx3d), fn(self.coords),
-                      fn(self.cu_seqlens), fn(self.view_ids), self.seqlens, self.max_seqlen, self.grids,
-                      (fn(perm), fn(inv), shapes))
+                      fn(self.cu_seqlens), fn(self.view_ids), self.seqlens, self.max_seqlen, self.grids, self.is2d, groups)
 
     def to(self, device, non_blocking=False):
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -76,20 +77,29 @@ class Packed:
         """Page-locked copy, so .to(cuda, non_blocking=True) overlaps; DataLoader(pin_memory=True) calls it."""
         return self._map(lambda t: t.pin_memory())
 
+    def tensors(self) -> list:
+        """Every tensor it holds (to record them on a stream)."""
+        return [t for t in (*vars(self).values(), *(self.groups or ())[:2]) if isinstance(t, torch.Tensor)]
+
     def slice(self, a: int, b: int) -> "Packed":
-        """Views a..b-1 as a Packed of their own, on the host: row views of the tensors, no copy (micro-batches)."""
+        """Views a..b-1 as a Packed of their own (micro-batches), wherever the tensors are: row views and offset
+        subtractions at places computed on the host from seqlens and is2d, so on a GPU it never waits for it."""
         lo, hi = sum(self.seqlens[:a]), sum(self.seqlens[:b])
-        r2, r3 = (torch.searchsorted(i, torch.tensor([lo, hi])).tolist() for i in (self.idx2d, self.idx3d))
-        perm = self.groups[0]
-        perm = perm[(perm >= lo) & (perm < hi)] - lo  # still ordered by view length
+        r2 = [sum(n for n, f in zip(self.seqlens[:j], self.is2d) if f) for j in (a, b)]  # 2D token rows a..b
+        r3 = [j - r for j, r in zip((lo, hi), r2)]                                    # 3D token rows a..b
+        groups = None  # the exact path's length groups: on the host only (boolean indexing would sync a GPU)
+        if self.groups is not None and self.groups[0].device.type == "cpu":
+            perm = self.groups[0]
+            groups = _groups(perm[(perm >= lo) & (perm < hi)] - lo, self.seqlens[a:b])  # still ordered by length
         return Packed(self.patches2d[r2[0]:r2[1]], self.patches3d[r3[0]:r3[1]], self.idx2d[r2[0]:r2[1]] - lo,
-                      self.idx3d[r3[0]:r3[1]] - lo, self.coords[lo:hi], *_view_meta(self.seqlens[a:b]),
-                      self.grids[a:b], _groups(perm, self.seqlens[a:b]))
+                      self.idx3d[r3[0]:r3[1]] - lo, self.coords[lo:hi], self.cu_seqlens[a:b + 1] - lo,
+                      self.view_ids[lo:hi] - a, self.seqlens[a:b], max(self.seqlens[a:b]), self.grids[a:b],
+                      self.is2d[a:b], groups)
 
 
-def _unflatten(p2, p3, coords, ints, sizes, seqlens, max_seqlen, grids, shapes) -> Packed:
+def _unflatten(p2, p3, coords, ints, sizes, seqlens, max_seqlen, grids, is2d, shapes) -> Packed:
     idx2d, idx3d, view_ids, cu, perm, inv = ints.split(sizes)  # views of the one int64 tensor
-    return Packed(p2, p3, idx2d, idx3d, coords, cu.int(), view_ids, seqlens, max_seqlen, grids, (perm, inv, shapes))
+    return Packed(p2, p3, idx2d, idx3d, coords, cu.int(), view_ids, seqlens, max_seqlen, grids, is2d, (perm, inv, shapes))
 
 
 def check_view(i: int, v, patch: int, in_chans: int):
@@ -144,22 +154,18 @@ def pack_arrays(views, patch: int = PATCH, alpha: float = 128.0, share: bool = F
     coord_cache = {g: grid_coords(*g, alpha=alpha) for g in set(grids)}
     is2d = torch.repeat_interleave(torch.tensor(flat), torch.tensor(seqlens))  # (S,) per token
     pos = torch.arange(sum(seqlens))
-    return Packed(p2, p3, pos[is2d], pos[~is2d], torch.cat([coord_cache[g] for g in grids]),
-                  *_view_meta(seqlens), grids, length_groups(seqlens))
-
-
-def _view_meta(seqlens) -> tuple:
-    """cu_seqlens, view_ids, seqlens, max_seqlen of views of these token counts."""
     n = torch.tensor(seqlens)
-    cu = F.pad(torch.cumsum(n, 0), (1, 0)).int()
-    return cu, torch.repeat_interleave(torch.arange(len(seqlens)), n), list(seqlens), max(seqlens)
+    return Packed(p2, p3, pos[is2d], pos[~is2d], torch.cat([coord_cache[g] for g in grids]),
+                  F.pad(torch.cumsum(n, 0), (1, 0)).int(), torch.repeat_interleave(torch.arange(len(seqlens)), n),
+                  list(seqlens), max(seqlens), grids, flat, length_groups(seqlens))
 
 
-def length_groups(seqlens):
+def length_groups(seqlens, device=None):
     """Views of equal length together: one SDPA call per length (patch-snapped crops have few lengths)."""
     starts = [0, *accumulate(seqlens)]
     order = sorted(range(len(seqlens)), key=lambda i: seqlens[i])
-    return _groups(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]), seqlens)
+    perm, inv, shapes = _groups(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]), seqlens)
+    return perm.to(device), inv.to(device), shapes
 
 
 def _groups(perm, seqlens) -> tuple:
@@ -169,7 +175,7 @@ def _groups(perm, seqlens) -> tuple:
 
 def pool_views(x: torch.Tensor, packed: Packed) -> torch.Tensor:
     """Mean of the token features of each view: (S, D) -> (N, D)."""
-    counts = torch.tensor(packed.seqlens, dtype=x.dtype, device=x.device)[:, None]  # (N, 1)
+    counts = packed.cu_seqlens.diff().to(x.dtype)[:, None]  # (N, 1), from the device's own copy (no host copy)
     sums = x.new_zeros(packed.num_views, x.shape[1]).index_add_(0, packed.view_ids, x)  # (N, D)
     return sums / counts
 
@@ -189,13 +195,15 @@ def attention_path(device: torch.device, dtype: torch.dtype) -> str:
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, groups=None):
     """Non-causal attention of q/k/v (S, H, Dh) within each view of cu_seqlens (N+1,) int32; groups: Packed.groups."""
     path = attention_path(q.device, q.dtype)
-    if path.startswith("flash_attn"):
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=False)
+    if path.startswith("flash_attn"):  # its backward is deterministic only when asked (torch's follows the flag)
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=False,
+                                      deterministic=torch.are_deterministic_algorithms_enabled())
     if path.startswith("torch.nn"):
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
     # Exact path: the views of each length L gathered into one (n, H, L, Dh) batch, one SDPA call each, by one
-    # index_select each way (slices per view would make the backward O(views x tokens); RESULTS.md)
-    perm, inv, shapes = groups if groups is not None else length_groups(cu_seqlens.diff().tolist())
+    # index_select each way (slices per view would make the backward O(views x tokens)). Without groups (a direct
+    # caller) they come from cu_seqlens: on a GPU that reads it back to the host, a sync.
+    perm, inv, shapes = groups if groups is not None else length_groups(cu_seqlens.diff().tolist(), q.device)
     S, H, Dh = q.shape
     sizes = [L * n for L, n in shapes]
     out = []

@@ -5,6 +5,7 @@ Each test checks against an independent reference: a naive loop, a closed form o
 """
 
 import ast
+import contextlib
 import csv
 import datetime
 import errno
@@ -498,9 +499,12 @@ def test_supervised_head_standardises_within_each_modality():
         r = x[is3d == m]
         ref[is3d == m] = (r - r.mean(0)) / torch.sqrt(r.var(0, unbiased=False) + 1e-5)
         run[is3d == m] = (r - 0.1 * r.mean(0)) / torch.sqrt(0.9 + 0.1 * r.var(0) + 1e-5)
-    torch.testing.assert_close(head(x, is3d), head.linear(ref))
-    torch.testing.assert_close(fresh(x, torch.arange(10) == 9)[9], fresh.linear(x[9] / (1 + 1e-5) ** 0.5))
-    torch.testing.assert_close(head.eval()(x, is3d), head.linear(run))
+    is2d = (~is3d).tolist()  # host flags, 2D views first (as the stream orders them)
+    torch.testing.assert_close(head(x, is2d), head.linear(ref))
+    torch.testing.assert_close(fresh(x, [True] * 9 + [False])[9], fresh.linear(x[9] / (1 + 1e-5) ** 0.5))
+    torch.testing.assert_close(head.eval()(x, is2d), head.linear(run))
+    with pytest.raises(ValueError, match="2D views before the 3D"):
+        head(x, is2d[::-1])
 
 
 def _train_ddp_worker(rank, world, port, cfg, out):
@@ -532,6 +536,231 @@ def test_ddp_two_processes_stay_in_sync(fake_data, tmp_path):
     log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
     assert (tmp_path / "ckpt.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# the CUDA path, checked on CPU: a stand-in device (meta) that refuses host tensors and records every op that would
+# make the host wait for a GPU, a contract stub for flash-attn's kernel, bf16 autocast, the process group's setup
+
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make a host wait for its GPU (what torch.cuda.set_sync_debug_mode warns about): a value
+    read back (.item(), bool()), a data-dependent shape (nonzero, boolean-mask indexing) and a blocking copy from the
+    host. Run on meta, which also raises at .tolist() and at a host tensor mixed into device work. It cannot see
+    whether a non-blocking copy's source is pinned: only a GPU can (bench_gpu.sh)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __enter__(self):  # torch.tensor(data, device=...) copies below the dispatcher: caught at the call instead
+        self.real = real = torch.tensor
+
+        def tensor(data, *a, device=None, **k):
+            if device is not None and torch.device(device).type != "cpu":
+                self.found.append(f"torch.tensor(host data, device={device})")
+            return real(data, *a, device=device, **k)
+        torch.tensor = tensor
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.tensor = self.real
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        leaves = tree_leaves((args, kwargs))
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        on_device = any(t.device.type != "cpu" for t in tensors)  # host work (the loader's, say) waits for no GPU
+        if name in ("_local_scalar_dense", "nonzero", "masked_select", "item") and on_device:
+            self.found.append(name)
+        elif name == "index" and on_device and any(t.dtype == torch.bool for t in tensors[1:]):
+            self.found.append("boolean-mask index")
+        elif on_device and any(t.device.type == "cpu" and t.dim() for t in tensors):  # meta lets some through
+            self.found.append(f"host tensor in device op {name}")
+        elif name in ("_to_copy", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else kwargs.get("device", src.device)
+            blocking = not (kwargs.get("non_blocking") or (name == "copy_" and len(args) > 2 and args[2]))
+            if src.device.type == "cpu" and torch.device(dst).type != "cpu" and blocking:
+                self.found.append(f"blocking host-to-device {name} of {tuple(src.shape)}")
+        return func(*args, **kwargs)
+
+
+def flash_contract_stub(calls, values=True):
+    """Stands in for flash_attn_varlen_func and checks what the real kernel checks (flash_api.cpp, mha_varlen_fwd):
+    fp16/bf16 q, k, v of one dtype, unit stride in the head dim, head dim a multiple of 8 and <= 256, cu_seqlens int32
+    and contiguous on q's device, max_seqlen a python int; returns exact attention (or, without values, any function
+    of q, k, v with gradients, for meta, where no autocast makes them bf16)."""
+    def stub(q, k, v, cu_q, cu_k, max_q, max_k, causal=None, deterministic=None, **rest):
+        assert not rest and causal is False, rest
+        assert k.dtype == v.dtype == q.dtype and (q.dtype in (torch.float16, torch.bfloat16) or not values), q.dtype
+        assert q.dim() == k.dim() == v.dim() == 3 and all(t.stride(-1) == 1 for t in (q, k, v))
+        assert q.shape[-1] % 8 == 0 and q.shape[-1] <= 256, q.shape
+        for cu in (cu_q, cu_k):
+            assert cu.dtype == torch.int32 and cu.is_contiguous() and cu.device == q.device, (cu.dtype, cu.device)
+        assert type(max_q) is int and type(max_k) is int, (type(max_q), type(max_k))
+        calls.append(dict(deterministic=deterministic, n=cu_q.shape[0] - 1))
+        if not values:
+            return v + 0 * (q + k)
+        seqlens = cu_q.diff().tolist()
+        assert q.shape[0] == cu_q[-1] and max_q == max(seqlens)
+        return reference_attention(q.float(), k.float(), v.float(), seqlens).to(q.dtype)
+    return stub
+
+
+def use_flash_stub(monkeypatch, stub):
+    """Route every device and dtype to the flash branch, served by the stub."""
+    flash = lambda device, dtype: "flash_attn.flash_attn_varlen_func"
+    for mod in (pack, sys.modules["model"]):
+        monkeypatch.setattr(mod, "attention_path", flash)
+    monkeypatch.setattr(pack, "flash_attn_varlen_func", stub)
+
+
+@pytest.mark.parametrize("objective", ["lejepa", "supervised"])
+def test_hot_loop_never_waits_for_the_device(fake_data, monkeypatch, objective):
+    """One step as train.py runs it (the loader's batch to the device, micro-batches cut there, augment, encoder with
+    the flash branch, head, loss, backward) on meta: no host tensor meets device work, nothing waits for the device.
+    The first step warms up (the noise table is copied once per device), as set_sync_debug_mode is set after it."""
+    use_flash_stub(monkeypatch, flash_contract_stub(calls := [], values=False))
+    lejepa.random_directions.cache_clear()
+    ds2, ds3 = ShardDataset(fake_data, split="train", modality="2d"), ShardDataset(fake_data, split="train", modality="3d")
+    cfg = train_cfg(fake_data, "unused", objective=objective)
+    crop = train.view_maker(cfg)
+    V = crop.n_global + crop.n_local
+    loader = data.make_loader(ds2, ds3, 4, 2, seed=0, crop=crop, n_views=V, token_budget=400)
+    meta = torch.device("meta")
+    torch.manual_seed(0)
+    enc = SparseMedicalViT(ModelConfig(**PRESETS["tiny"]))
+    head = Projector(enc.cfg.dim, 64, 16) if objective == "lejepa" else train.SupervisedHead(enc.cfg.dim, 5)
+    net = train.Net(enc, head).to(meta)
+    batches, n_forward = data.ToDevice(loader, meta), 0
+    for step in range(2):
+        with HostSyncs() if step else contextlib.nullcontext() as syncs:
+            batch = next(batches)
+            micro = data.micro_batches(batch, len(batch["micro"]) + 1)  # one cut finer, as for a rank that needs more
+            for packed, aug, (a, b) in micro:
+                assert packed.coords.device == meta and packed.groups is None  # sliced on the device
+                z = net(views.augment(packed, aug)).float().view(b - a, V, -1).transpose(0, 1)
+                loss = (lejepa_loss(z, 2, 0.1, 32, step=step)[0] if objective == "lejepa" else
+                        train.supervised_loss(z, batch["labels"][a:b].to(meta, non_blocking=True))[0])
+                loss.backward()
+                n_forward += 1
+            batches.prefetch()
+        if step:
+            assert syncs.found == [], syncs.found
+    assert len(calls) == enc.cfg.depth * n_forward  # every attention call took the flash branch
+    assert all(p.grad is not None and p.grad.device == meta for p in net.parameters())
+
+
+def test_host_sync_detector_catches_each_kind_of_sync():
+    """The detector above, against one known offender of each kind (so a silent detector fails here)."""
+    x = torch.ones(4, device="meta")
+    cases = [lambda: x + torch.tensor([1.0, 2.0, 3.0, 4.0], device="meta"), lambda: x[x > 0],
+             lambda: torch.ones(3).to("meta"), lambda: torch.searchsorted(x, torch.ones(2)),
+             lambda: torch.ones(3).to("meta", non_blocking=True)]
+    found = []
+    for case in cases:
+        with HostSyncs() as s:
+            try:
+                case()
+            except (RuntimeError, NotImplementedError):  # meta cannot make the shape of x[x > 0]: it refuses instead
+                s.found.append("refused")
+        found.append(s.found)
+    assert all(found[:4]) and found[4] == [], found
+
+
+def test_flash_branch_meets_the_kernel_contract_and_matches_the_exact_path(monkeypatch):
+    """bf16 autocast on CPU through the flash branch (a contract stub computing exact attention) gives the exact
+    path's embeddings; the deterministic flag reaches the kernel."""
+    m, vs = tiny_model(seed=3), mixed_views(seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = m(vs).float()
+    use_flash_stub(monkeypatch, flash_contract_stub(calls := []))
+    for det in (False, True):
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: det)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(vs).float()
+        out.sum().backward()
+        torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+        assert {c["deterministic"] for c in calls[-m.cfg.depth:]} == {det}
+
+
+def test_residual_stream_stays_fp32_under_bf16_autocast():
+    """As nanoGPT's: under autocast the blocks add bf16 matmul outputs to an fp32 stream. (CPU autocast keeps
+    layer_norm in bf16 where CUDA uses fp32, so the check is on the stream's dtype and closeness, not bits.)"""
+    m, vs = tiny_model(seed=1), mixed_views(seed=1)
+    seen = []
+    for b in m.blocks:
+        b.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m(vs)
+    assert seen == [torch.float32] * m.cfg.depth, seen
+    ref = m(vs)
+    assert F.cosine_similarity(low.float(), ref, dim=1).min() > 0.99
+
+
+def test_process_group_carries_host_tensors_and_binds_the_gpu(fake_data, tmp_path, monkeypatch):
+    """On a (pretend) GPU, torchrun's rank gets its GPU first, then one group whose nccl carries the device tensors
+    and gloo the host ones (the micro-batch count, the log's counters), bound to that GPU."""
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+
+    def init(**kw):
+        calls.append(("init", kw))
+        raise KeyboardInterrupt  # stop here: no GPU to go on with
+    monkeypatch.setattr(dist, "init_process_group", init)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_cfg(fake_data, str(tmp_path), device="auto"))
+    gpu = torch.device("cuda:1")
+    assert calls == [("set_device", gpu), ("init", dict(backend="cpu:gloo,cuda:nccl", device_id=gpu))], calls
+    assert train.process_group_backend(torch.device("cpu")) == "gloo"
+
+
+def test_backward_runs_outside_autocast(fake_data, tmp_path, monkeypatch):
+    """AMP's advice: the forward under autocast, backward() after leaving it."""
+    seen, real = [], torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda t, *a, **k: (seen.append(torch.is_autocast_enabled("cpu")),
+                                                                       real(t, *a, **k)))
+    train.main(train_cfg(fake_data, str(tmp_path), dtype="bfloat16", max_iters=1))
+    assert seen and not any(seen), seen
+
+
+def test_deterministic_on_cuda_fixes_the_cublas_workspace(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        train.set_deterministic(True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.are_deterministic_algorithms_enabled()
+    finally:
+        train.set_deterministic(False)
+
+
+def test_attention_path_warns_on_a_gpu_without_a_fused_kernel(monkeypatch):
+    monkeypatch.setattr(pack, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(pack, "varlen_attn", None)
+    text = tiny_model().describe("cuda", torch.bfloat16)
+    assert "exact" in text and "pip install flash-attn" in text and "torch>=2.10" in text
+    assert "pip install" not in tiny_model().describe("cpu", torch.float32)
+
+
+def test_gpu_busy_share_of_a_trace_matches_a_closed_form():
+    """Kernels on two streams overlap: the union counts once; the span runs from the first start to the last end."""
+    ev = lambda ts, dur, cat="kernel": dict(ph="X", cat=cat, ts=ts, dur=dur)
+    trace = [ev(0, 10), ev(5, 10, "gpu_memcpy"), ev(30, 5), ev(32, 1), ev(50, 10), ev(20, 100, "cpu_op")]
+    assert train.gpu_busy(trace) == (15 + 5 + 10, 60)
+    assert train.gpu_busy([ev(0, 5, "cpu_op")]) == (0.0, 0.0)
+
+
+def test_profile_is_refused_off_the_gpu(fake_data, tmp_path):
+    with pytest.raises(ValueError, match="profile=5: the GPU's wait"):
+        train.main(train_cfg(fake_data, str(tmp_path), profile=5))
 
 
 # -----------------------------------------------------------------------------
@@ -1445,7 +1674,9 @@ def test_directions_same_per_step_new_across_steps(monkeypatch):
     assert sigreg(z, 64, step=5).item() == sigreg(z, 64, step=5).item() != sigreg(z, 64, step=6).item()
     real = torch.randn  # a zero-norm direction gives no NaN
     monkeypatch.setattr(lejepa.torch, "randn", lambda *a, **k: torch.zeros_like(real(*a, **k)))
+    random_directions.cache_clear()  # drawn anew under the patch, not taken from the per-step cache
     assert torch.isfinite(sigreg(torch.randn(10, 4), num_slices=8)).all()
+    random_directions.cache_clear()
 
 
 def test_lejepa_loss_against_a_loop():

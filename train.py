@@ -81,7 +81,9 @@ ckpt_interval = 100           # steps between checkpoints (and one at the end)
 ckpt_keep = False             # also keep each checkpoint as ckpt_<step>.pt (a run's trend, for probe.py)
 stop_at = 0                   # end this job after this step (0 = max_iters); resume later, same schedule
 seed = 1337
-deterministic = False         # torch.use_deterministic_algorithms (tests: exact resume)
+deterministic = False         # torch.use_deterministic_algorithms (tests: exact resume; on CUDA also cuBLAS, flash-attn)
+profile = 0                   # CUDA: trace this many steps after 10 of warm-up: print the share of the step the GPU
+                              # waits for the host, and warn at every host sync (bench_gpu.sh)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
 
@@ -138,6 +140,72 @@ def run_info(device) -> dict:
     return {"git": git or "unknown", "torch": str(torch.__version__), "device": str(name)}
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> this rank's GPU if there is one, else the CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda'")
+    dev = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(f"cuda:{local_rank}" if dev == "cuda" else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """'auto' -> bf16 autocast on CUDA and on CPUs with native bf16, else fp32."""
+    if name not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"dtype={name!r}: expected 'auto', 'float32' or 'bfloat16'")
+    return name if name != "auto" else ("bfloat16" if device.type == "cuda" or cpu_has_bf16() else "float32")
+
+
+def process_group_backend(device: torch.device) -> str:
+    """nccl carries CUDA tensors only: with a GPU, host tensors go over gloo in the same group."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def set_deterministic(on: bool):
+    """torch.use_deterministic_algorithms, and what CUDA needs for it: cuBLAS raises without a fixed workspace
+    (set before its first use); flash-attn is asked per call (pack.varlen_attention)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+
+
+def start_profile():
+    """Trace the GPU's kernels and copies, and warn at every host sync (a stack per call site), from here."""
+    import warnings
+    torch.cuda.synchronize()
+    warnings.simplefilter("default")  # each synchronizing call site once
+    torch.cuda.set_sync_debug_mode("warn")
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+    prof.start()
+    return prof
+
+
+def stop_profile(prof, steps: int) -> str:
+    """Stop the trace; the share of its span in which the GPU ran nothing, i.e. waited for the host."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("default")
+    prof.stop()
+    path = f"/tmp/trace_{os.getpid()}.json"
+    prof.export_chrome_trace(path)
+    busy, span = gpu_busy(json.load(open(path))["traceEvents"])
+    os.remove(path)
+    return (f"profile of {steps} steps: the GPU ran kernels or copies {busy / 1e3:.1f} of {span / 1e3:.1f} ms: it waited "
+            f"for the host {1 - busy / max(span, 1e-9):.1%} of the time ({span / 1e3 / steps:.1f} ms a step)")
+
+
+def gpu_busy(events: list) -> tuple:
+    """(time some GPU kernel or copy ran, span from the first start to the last end), in us, of a chrome trace."""
+    iv = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X")
+    if not iv:
+        return 0.0, 0.0
+    busy, (lo, hi) = 0.0, iv[0]
+    for a, b in iv[1:]:  # union of the intervals: overlapping streams count once
+        if a > hi:
+            busy, lo = busy + hi - lo, a
+        hi = max(hi, b)
+    return busy + hi - lo, max(b for _, b in iv) - iv[0][0]
+
+
 def cpu_has_bf16() -> bool:
     """Native bf16 (avx512_bf16 / amx): bf16 autocast is 1.5x faster there and ~15x slower where it is emulated."""
     try:
@@ -187,21 +255,24 @@ def main(cfg: dict):
         raise RuntimeError("torchrun --max-restarts > 0 shares one rendezvous store across restarts, and restarted "
                            "ranks may then fail to connect. Run it as TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... "
                            "(a fresh store per attempt; see DESIGN.md, Restarts)")
-    rank, local_rank, world = 0, 0, 1
+    rank, local_rank, world = 0, int(os.environ.get("LOCAL_RANK", "0")), 1
+    device = resolve_device(cfg["device"], local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the group: NCCL binds this GPU, never guesses
     if ddp:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo")
-        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        # nccl carries the CUDA tensors (gradients, SIGReg's sums); gloo the host ones (the micro-batch count, the
+        # log's counters), which the host needs anyway, so agreeing on them never waits for the GPU's queue
+        dist.init_process_group(backend=process_group_backend(device), device_id=device if device.type == "cuda" else None)
+        rank, world = dist.get_rank(), dist.get_world_size()
     master = rank == 0
     print0 = lambda *a, **k: print(*a, **k) if master else None
     cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), print0)
-    dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{local_rank}" if dev == "cuda" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dt = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device.type == "cuda" or cpu_has_bf16() else "float32")
+    dt = resolve_dtype(cfg["dtype"], device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
     torch.manual_seed(cfg["seed"])
-    torch.use_deterministic_algorithms(cfg["deterministic"])
+    set_deterministic(cfg["deterministic"])
+    if cfg["profile"] and device.type != "cuda":
+        raise ValueError(f"profile={cfg['profile']}: the GPU's wait for the host is a CUDA measurement; set --profile=0")
     for name, allowed in (("objective", ("lejepa", "supervised")), ("sup_views", ("whole", "global"))):
         if cfg[name] not in allowed:
             raise ValueError(f"{name}={cfg[name]!r}: expected one of {allowed}")
@@ -265,15 +336,18 @@ def main(cfg: dict):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
     pbar = data.progress(total=cfg["max_iters"], initial=start_step, desc="train") if master else None
-    it, step = iter(loader), start_step
+    batches, step = data.ToDevice(loader, device), start_step  # on CUDA, the next batch copies while a step computes
     t_last, tok_acc, views_acc, steps_acc, skipped = time.time(), 0, 0, 0, 0
     end = min(cfg["max_iters"], cfg["stop_at"] or cfg["max_iters"])
+    prof = None
     while step < end:
-        batch = next(it)
+        if cfg["profile"] and step == start_step + 10:  # after warm-up (allocator, kernels' autotuning, workers)
+            prof = start_profile()
+        batch = next(batches)
         for err in batch["skipped"]:  # only with skip_bad_samples; else the loader raised
             print(f"warning: rank {rank} step {step}: skipped a bad sample: {err}", file=sys.stderr)
         skipped += len(batch["skipped"])
-        n_micro = torch.tensor(len(batch["micro"]))
+        n_micro = torch.tensor(len(batch["micro"]))  # on the host: the loop needs it there (gloo carries it)
         if ddp:  # collective: every rank must run the same number of micro-batches (SIGReg all-reduces)
             dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
         micro = data.micro_batches(batch, int(n_micro))  # views of the batch; cut finer if another rank needs more
@@ -282,22 +356,26 @@ def main(cfg: dict):
             g["lr"] = lr
         terms = torch.zeros(3, device=device)
         for m, (packed, aug, (a, b)) in enumerate(micro):
-            packed = views.augment(packed.to(device, non_blocking=True), aug)  # int8 -> augmented floats, on device
+            packed = views.augment(packed, aug)  # int8 -> augmented floats, on the device
             sync = m == len(micro) - 1  # average gradients across ranks only on the last micro-batch
-            with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
-                out = model(packed)
-                z = out.float().view(b - a, V, -1).transpose(0, 1)  # sample-major views -> (V, b, K), global first
-                if cfg["objective"] == "lejepa":
-                    loss, pred, sig = lejepa_loss(z, n_global=cfg["n_global"], lam=cfg["lam"],
-                                                  num_slices=cfg["num_slices"], step=step)
-                else:
-                    loss, pred, sig = supervised_loss(z, batch["labels"][a:b].to(device))
-                (loss / len(micro)).backward()
+            with model.no_sync() if ddp and not sync else nullcontext():
+                with autocast:
+                    out = model(packed)
+                    z = out.float().view(b - a, V, -1).transpose(0, 1)  # sample-major views -> (V, b, K), global first
+                    if cfg["objective"] == "lejepa":
+                        loss, pred, sig = lejepa_loss(z, n_global=cfg["n_global"], lam=cfg["lam"],
+                                                      num_slices=cfg["num_slices"], step=step)
+                    else:
+                        loss, pred, sig = supervised_loss(z, batch["labels"][a:b].to(device, non_blocking=True))
+                (loss / len(micro)).backward()  # outside autocast, as the AMP docs advise
             terms += torch.stack([loss.detach(), pred.detach(), sig.detach()]) / len(micro)
             tok_acc += packed.num_tokens
             views_acc += packed.num_views
+        if step + 1 < end:
+            batches.prefetch()  # the next batch's copy (CUDA) overlaps this step's queued backward
         if ddp:  # collective: the logged and checked loss is the mean over ranks
             dist.all_reduce(terms, op=dist.ReduceOp.AVG)
+        # the one host sync of a step: the loss must be checked before the optimizer step may change the weights
         loss_v, pred_v, sig_v = terms.tolist()
         for name, val in (("pred", pred_v), (second, sig_v)):
             if not math.isfinite(val):
@@ -310,8 +388,11 @@ def main(cfg: dict):
         steps_acc += 1
         if master:
             pbar.update(1)
+        if prof is not None and step == start_step + 10 + cfg["profile"]:
+            print0(stop_profile(prof, cfg["profile"]))
+            prof = None
         if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
-            counts = torch.tensor([tok_acc, views_acc, skipped], dtype=torch.float64)
+            counts = torch.tensor([tok_acc, views_acc, skipped], dtype=torch.float64)  # host: carried by gloo
             if ddp:  # collective: throughput of all ranks
                 dist.all_reduce(counts)
             dt_s = time.time() - t_last
@@ -365,14 +446,18 @@ class SupervisedHead(nn.Module):
         self.norm = nn.ModuleList([nn.BatchNorm1d(dim, affine=False) for _ in ("2d", "3d")])
         self.linear = nn.Linear(dim, n_out)
 
-    def forward(self, x, is3d):
-        out = torch.zeros_like(x)
-        for m, norm in enumerate(self.norm):
-            rows = x[is3d == bool(m)]
+    def forward(self, x, is2d: list):
+        """x (N, dim), is2d N host bools with the 2D views first (as the stream orders them): row slices, no mask
+        indexing, so a GPU is never waited for."""
+        n2 = sum(is2d)
+        if is2d != [True] * n2 + [False] * (len(is2d) - n2):
+            raise ValueError("SupervisedHead: expected the 2D views before the 3D ones, as data.make_loader orders them")
+        out = []
+        for norm, rows in zip(self.norm, (x[:n2], x[n2:])):
             if len(rows):  # batch statistics need two views; a lone one is standardised with the running ones
-                out[is3d == bool(m)] = F.batch_norm(rows, norm.running_mean, norm.running_var, training=self.training
-                                                    and len(rows) > 1, momentum=norm.momentum, eps=norm.eps)
-        return self.linear(out)
+                out.append(F.batch_norm(rows, norm.running_mean, norm.running_var, training=self.training
+                                        and len(rows) > 1, momentum=norm.momentum, eps=norm.eps))
+        return self.linear(torch.cat(out))
 
 
 class Net(nn.Module):
@@ -384,10 +469,7 @@ class Net(nn.Module):
 
     def forward(self, packed):
         x = self.encoder(packed)
-        if not isinstance(self.head, SupervisedHead):
-            return self.head(x)
-        is3d = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device).index_fill_(0, packed.view_ids[packed.idx3d], True)
-        return self.head(x, is3d)
+        return self.head(x, packed.is2d) if isinstance(self.head, SupervisedHead) else self.head(x)
 
 
 def supervised_loss(logits, labels):
