@@ -61,6 +61,9 @@ sup_views = "whole"           # the supervised baseline's input: 'whole' (n_glob
 lam = 0.17                    # SIGReg weight: loss = (1-lam)*pred + lam*sigreg (paper: 0.025 at batch 256,
                               # with lam/(1-lam)*N held at the paper's 6.56: N = 32 samples -> 0.17; see lejepa.py)
 num_slices = 1024             # random 1D projections per SIGReg evaluation (LeJEPA default)
+view_pairing = "sample"       # ablation: 'sample' (the method: each sample's views predict its own centroid) |
+                              # 'shuffled' (each view of z paired with a random sample of its micro-batch);
+                              # SIGReg alone is --lam=1.0, prediction alone --lam=0.0 (it collapses)
 # optim
 max_iters = 600               # optimizer steps
 learning_rate = 5e-4          # peak lr (paper: 1e-4 at batch 256; the tiny CPU model tolerates more)
@@ -228,6 +231,24 @@ def cpu_threads(local_ranks: int, print0):
         print0(f"{local_ranks} ranks on {cores} cores: {fair} torch thread(s) per rank (set OMP_NUM_THREADS to choose)")
 
 
+def trim_log(path: str, step: int):
+    """Keep the records of steps <= step (what the checkpoint has seen), atomically: a run killed after its last
+    checkpoint wrote records the restart writes again, and a half-written last line is dropped with them."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):  # cut off mid-line by a kill: always after the checkpoint's step
+            pass
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(obj: dict, path: str):
     """Atomic: a temp file in the same folder, renamed over the old one; a crash or full disk keeps it."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -273,7 +294,8 @@ def main(cfg: dict):
     set_deterministic(cfg["deterministic"])
     if cfg["profile"] and device.type != "cuda":
         raise ValueError(f"profile={cfg['profile']}: the GPU's wait for the host is a CUDA measurement; set --profile=0")
-    for name, allowed in (("objective", ("lejepa", "supervised")), ("sup_views", ("whole", "global"))):
+    for name, allowed in (("objective", ("lejepa", "supervised")), ("sup_views", ("whole", "global")),
+                          ("view_pairing", ("sample", "shuffled"))):
         if cfg[name] not in allowed:
             raise ValueError(f"{name}={cfg[name]!r}: expected one of {allowed}")
     for name in ("batch_2d", "batch_3d"):
@@ -305,6 +327,13 @@ def main(cfg: dict):
                              ", this run " + ", ".join(f"{getattr(mcfg, k)!r}" for k in diff) + "; pass " +
                              " ".join(f"--{k}={saved[k]!r}" if k in cfg else "--preset=<its preset>" for k in diff))
         if cfg["init_from"] == "resume":
+            changed = [f"{k}={v!r} (was {ckpt['config'][k]!r})" for k, v in cfg.items()
+                       if k not in ("init_from", "stop_at") and ckpt["config"].get(k, v) != v]
+            if changed:  # legitimate (a longer run, say), but it is no longer the same run
+                print0(f"resume: this run's config differs from the checkpoint's: {', '.join(changed)}")
+            if ckpt.get("world_size", world) != world:  # batches depend on the global batch only (DATA.md)
+                print0(f"resume on {world} rank(s), checkpoint from {ckpt['world_size']}: the same samples and views "
+                       f"each step, gradients summed in another order (close, not bit-identical)")
             load_weights(head, ckpt["head"], path, "head")
             opt.load_state_dict(ckpt["optimizer"])
             start_step = ckpt["step"]
@@ -334,7 +363,10 @@ def main(cfg: dict):
                               crop=crop, workers=cfg["num_workers"], skip_bad=cfg["skip_bad_samples"], n_views=V,
                               token_budget=cfg["token_budget"], alpha=mcfg.alpha, pin_memory=device.type == "cuda")
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
+    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
+    if master:  # a resume repeats the steps after its checkpoint, a fresh run all of them: their old lines go
+        trim_log(log_path, start_step)
+    log = open(log_path, "a") if master else None
     pbar = data.progress(total=cfg["max_iters"], initial=start_step, desc="train") if master else None
     batches, step = data.ToDevice(loader, device), start_step  # on CUDA, the next batch copies while a step computes
     t_last, tok_acc, views_acc, steps_acc, skipped = time.time(), 0, 0, 0, 0
@@ -363,6 +395,8 @@ def main(cfg: dict):
                     out = model(packed)
                     z = out.float().view(b - a, V, -1).transpose(0, 1)  # sample-major views -> (V, b, K), global first
                     if cfg["objective"] == "lejepa":
+                        if cfg["view_pairing"] == "shuffled":
+                            z = shuffle_pairs(z, cfg["seed"], step, m)
                         loss, pred, sig = lejepa_loss(z, n_global=cfg["n_global"], lam=cfg["lam"],
                                                       num_slices=cfg["num_slices"], step=step)
                     else:
@@ -470,6 +504,16 @@ class Net(nn.Module):
     def forward(self, packed):
         x = self.encoder(packed)
         return self.head(x, packed.is2d) if isinstance(self.head, SupervisedHead) else self.head(x)
+
+
+def shuffle_pairs(z: torch.Tensor, seed: int, step: int, micro: int) -> torch.Tensor:
+    """Ablation of the view pairing: z (V, b, K) with row v's samples permuted by its own random permutation, a
+    fixed function of (seed, step, micro-batch), so L_pred compares views of different samples (SIGReg, which
+    sees each row as a set, is unchanged)."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003) + step) * 1009 + micro)
+    perm = torch.stack([torch.randperm(z.shape[1], generator=g) for _ in range(z.shape[0])])  # (V, b)
+    perm = (perm.pin_memory() if z.is_cuda else perm).to(z.device, non_blocking=True)
+    return z.gather(1, perm[..., None].expand_as(z))
 
 
 def supervised_loss(logits, labels):
