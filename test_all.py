@@ -2028,8 +2028,21 @@ def log_of(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
-KILL_MID_SAVE = """
-import ast, io, os, signal, sys
+HALF_SAVE_AND_DIE = """
+import io, os, signal
+def half_save_and_die(obj, f, real):  # half the checkpoint's bytes, synced to disk, then SIGKILL mid-write
+    buf = io.BytesIO()
+    real(obj, buf)
+    with open(f, "wb") as fh:
+        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+KILL_MID_SAVE = HALF_SAVE_AND_DIE + """
+import ast, sys
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads({threads})
@@ -2037,15 +2050,7 @@ import train
 calls = [0]
 def save(obj, f):  # the {n}-th save writes half its bytes, syncs them, and the process is killed -9
     calls[0] += 1
-    if calls[0] < {n}:
-        return REAL(obj, f)
-    buf = io.BytesIO()
-    REAL(obj, buf)
-    with open(f, "wb") as fh:
-        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
+    return REAL(obj, f) if calls[0] < {n} else half_save_and_die(obj, f, REAL)
 REAL, torch.save = torch.save, save
 train.main(ast.literal_eval(open({cfg!r}).read()))
 """
@@ -2155,8 +2160,8 @@ def test_restart_leaves_one_log_line_per_step(shards, tmp_path):
     assert [r["step"] for r in log_of(tmp_path)] == [1, 2, 3, 4]
 
 
-SOAK_WORKER = """
-import os, signal, sys
+SOAK_WORKER = HALF_SAVE_AND_DIE + """
+import sys
 sys.path.insert(0, os.getcwd())
 import torch, train
 RANK, marks = os.environ["RANK"], os.environ["SOAK_MARKS"]
@@ -2171,13 +2176,7 @@ def once(name):  # True the first time any attempt gets here
 REAL_SAVE = torch.save
 def save(obj, f):  # rank 0's 2nd checkpoint: half its bytes, synced, then SIGKILL mid-write
     if RANK == "0" and isinstance(f, str) and "ckpt.pt.tmp" in f and once("saves_seen") is False and once("mid_save"):
-        buf = __import__("io").BytesIO()
-        REAL_SAVE(obj, buf)
-        with open(f, "wb") as out:
-            out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
-            out.flush()
-            os.fsync(out.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
+        half_save_and_die(obj, f, REAL_SAVE)
     return REAL_SAVE(obj, f)
 torch.save = save
 
