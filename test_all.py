@@ -2259,7 +2259,8 @@ def test_soak_of_random_kills_ends_bit_identical_with_one_log_line_per_step(shar
 @pytest.mark.parametrize("worlds", [(2, 1), (1, 2)])
 def test_resume_at_another_world_size_continues_the_same_run(shards, tmp_path, worlds):
     """2 ranks to step 2, then 1 rank to step 4 (and the reverse), the same global batch: the same samples and views
-    each step (DATA.md), so the weights match an uninterrupted 1-rank run up to float summation order."""
+    each step (DATA.md), so losses and weights match an uninterrupted 1-rank run up to float summation order.
+    Measured: 0.002 % of the weights differ by more than 1e-6, at most 5.5e-6."""
     def run(world, **kw):
         cfg = fast_cfg(shards, str(tmp_path / "run"), batch_2d=2, batch_3d=2, max_iters=4, **kw)
         if world == 1:
@@ -2269,9 +2270,12 @@ def test_resume_at_another_world_size_continues_the_same_run(shards, tmp_path, w
     run(worlds[0], stop_at=2)
     resumed = run(worlds[1], init_from="resume")
     straight = params_of(train.main(fast_cfg(shards, str(tmp_path / "straight"), batch_2d=2, batch_3d=2, max_iters=4)))
-    for k in straight:
-        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-6, msg=k)
-    assert [r["step"] for r in log_of(tmp_path / "run")] == [1, 2, 3, 4]
+    for k in straight:  # AdamW divides tiny gradients by their tiny norm: rounding shows up to ~5e-6, 1% of the lr
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=2e-5, msg=k)
+    run, ref = log_of(tmp_path / "run"), log_of(tmp_path / "straight")
+    assert [r["step"] for r in run] == [1, 2, 3, 4]
+    for a, b in zip(run, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["sigreg"] == pytest.approx(b["sigreg"], rel=1e-5)
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["world_size"] == worlds[1]
 
 
