@@ -2540,3 +2540,89 @@ def test_imports_go_one_way():
     assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
     assert not graph["readers"] and graph["adapters"] == {"readers"} and graph["phantom"] == {"adapters"}
     assert {"readers", "adapters", "phantom"} <= graph["data"] and "data" in graph["train"] and "train" in graph["probe"]
+
+# -----------------------------------------------------------------------------
+# memory bombs, fuzzed files and dead workers in preprocessing (readers.py, data.preprocess_records)
+
+def lying_nifti(path, shape, body=1024):
+    """A .nii.gz whose header declares `shape` int16 voxels (RAS, 0.5 mm) followed by only `body` zero bytes."""
+    nib = pytest.importorskip('nibabel')
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.int16)
+    hdr.set_sform(np.diag([0.5, 0.5, 0.5, 1]), code=1)
+    hdr['vox_offset'] = 352
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with gzip.open(path, 'wb') as f:
+        f.write(hdr.binaryblock + bytes(4 + body))
+
+
+def budget_files(root):
+    """One small valid file per reader, and the shape its header declares, as _within_budget multiplies it out."""
+    pytest.importorskip('pydicom'), pytest.importorskip('nibabel'), pytest.importorskip('PIL')
+    c, a = canonical_ct(), radiograph()
+    write_picture(f'{root}/x.png', a)
+    write_picture(f'{root}/x.jpg', a, 'L')
+    write_dicom(f'{root}/x.dcm', a.astype(np.uint16))
+    write_nifti(f'{root}/c.nii.gz', c.transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
+    write_series(f'{root}/series', c)
+    np.savez_compressed(f'{root}/c.npz', ct=c)
+    return {'x.png': (R.load_xray, (20, 24, 1)), 'x.jpg': (R.load_xray, (20, 24, 1)),
+            'x.dcm': (R.load_xray, (1, 20, 24, 1)), 'c.nii.gz': (R.load_ct, (24, 20, 6)),
+            'series': (R.load_ct, (6, 1, 20, 24, 1)), 'c.npz': (R.load_radchest, (6, 20, 24))}
+
+
+def test_voxel_budget_refuses_each_format_from_its_header(tmp_path):
+    """PNG, JPEG, DICOM, NIfTI, a DICOM series and npz: one voxel over the budget is refused naming the declared shape
+    and the flag; at the budget exactly, the file loads. The shapes are the ones written here."""
+    for name, (load, shape) in budget_files(str(tmp_path)).items():
+        n, rec = math.prod(shape), dict(path=str(tmp_path / name), labels=np.zeros(5))
+        want = rf"declares {' x '.join(map(str, shape))} = {n:,} voxels, over the budget of {n - 1:,}.*--max_voxels"
+        with pytest.raises(BadInput, match=want):
+            load(dict(rec, max_voxels=n - 1))
+        load(dict(rec, max_voxels=n))
+    assert R.MAX_VOXELS >= 512 * 512 * 1200 * 1.5  # the largest real chest CTs, with margin
+
+
+BOMB = """
+import json, resource, sys
+sys.path.insert(0, {repo!r})
+import data
+data.main(['folder', '--modality', 'ct', '--root', {root!r}, '--out', {out!r}, '--workers', '1'])
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))  # KiB on Linux
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and ru_maxrss in KiB: Linux")
+def test_nifti_bomb_is_refused_before_its_pixels_with_memory_bounded(tmp_path):
+    """A 3 KB .nii.gz declaring 1024 x 1024 x 1536 int16 voxels (3 GiB; 6 GiB as float32), next to a real CT, under
+    a 4 GB address-space limit: `python data.py folder` refuses it by its header (shape and flag named in
+    report.json), writes the CT, and peaks far below the bomb's size. Before the budget it died of MemoryError."""
+    root, out = tmp_path / "ct", tmp_path / "out"
+    lying_nifti(str(root / "bomb.nii.gz"), (1024, 1024, 1536))
+    write_nifti(str(root / "ok.nii.gz"), canonical_ct().transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    r = subprocess.run([sys.executable, "-c", BOMB.format(repo=REPO, root=str(root), out=str(out))], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.load(open(out / "report.json"))["folder"]
+    assert rep["written"] == 1 and [os.path.basename(f["file"]) for f in rep["failures"]] == ["bomb.nii.gz"]
+    why = rep["failures"][0]["reason"]
+    assert "declares 1024 x 1024 x 1536 = 1,610,612,736 voxels, over the budget of 536,870,912" in why, why
+    assert "--max_voxels" in why
+    peak_mib = int(r.stdout.split()[-1]) / 1024
+    assert peak_mib < 1500, peak_mib  # torch and h5py imported; the bomb alone would need 3-9 GiB
+
+
+def test_max_voxels_flag_refuses_and_a_raised_budget_retries(tmp_path, capsys):
+    """--max_voxels on the command line reaches the workers; a re-run with a larger budget retries the file it
+    refused (the budget is part of the shard's fingerprint), where a finished shard would otherwise be kept."""
+    root, out = tmp_path / "ct", str(tmp_path / "out")
+    write_nifti(str(root / "ok.nii.gz"), canonical_ct().transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
+    cli = ["folder", "--modality", "ct", "--root", str(root), "--out", out, "--workers", "1", "--val_frac", "0", "--test_frac", "0"]
+    with pytest.raises(RuntimeError, match="all 1 records failed"):
+        data.main(cli + ["--max_voxels", "2000"])
+    assert "declares 24 x 20 x 6 = 2,880 voxels, over the budget of 2,000" in capsys.readouterr().out
+    rep = data.main(cli + ["--max_voxels", "2880"])
+    assert (rep["written"], rep["failed"], rep["shards_skipped"]) == (1, 0, 0)
+    assert data.main(cli + ["--max_voxels", "2880"])["shards_skipped"] == 1  # same budget: kept
