@@ -673,8 +673,31 @@ def make_phantom(out_dir, workers=None, **config):
     return done
 
 
+PHANTOM_DIR = "data/phantom"  # the scripts' default data_dir: the only folder the phantom world is made in unasked
+
+
+def check_data_dir(data_dir):
+    """The scripts' check before any model or data work: data_dir holds data, or is where the phantom world belongs
+    (PHANTOM_DIR, or a folder whose phantom.json says so). Otherwise an error naming the commands that fill it: an
+    empty data/paper must never be trained on as a freshly made phantom world (50,000 GPU steps on toy data)."""
+    if (_find_shards(data_dir) or _read_json(os.path.join(data_dir, 'report.json'))
+            or _read_json(os.path.join(data_dir, 'phantom.json'))
+            or os.path.abspath(data_dir) == os.path.abspath(PHANTOM_DIR)):
+        return
+    raise FileNotFoundError(
+        f"data_dir {data_dir}: {'missing' if not os.path.exists(data_dir) else 'no shards (*.h5) there'}, and it is not "
+        f"the phantom world's folder ({PHANTOM_DIR}, or one with a phantom.json), so nothing is generated in it. Fill "
+        f"it first (README, \"Paper-scale recipe\"; DATA.md), e.g.\n"
+        f"  python data.py mimic    --root /data/mimic-cxr-jpg --out {data_dir}\n"
+        f"  python data.py ctrate   --root /data/ct-rate/dataset --out {data_dir}\n"
+        f"or point --data_dir at the folder that holds your shards; for the built-in phantom world there, on purpose: "
+        f"python data.py phantom --out {data_dir}")
+
+
 def ensure_phantom(data_dir, workers=None):
-    """The scripts' first step: the phantom world in an empty data_dir, or finished if it was interrupted."""
+    """The scripts' first data step: the phantom world in PHANTOM_DIR if empty, or finished if it was interrupted;
+    any other folder without data is refused (check_data_dir)."""
+    check_data_dir(data_dir)
     done = _read_json(os.path.join(data_dir, 'phantom.json'))
     if not done and (_find_shards(data_dir) or _read_json(os.path.join(data_dir, 'report.json'))):
         return  # real data sets

@@ -2191,8 +2191,9 @@ def test_kill9_during_world_generation_then_train_finishes_the_world_and_trains(
 
 @pytest.mark.parametrize("bad", ["runs code", "another config"])
 def test_bad_checkpoint_is_refused_in_seconds_before_any_data(tmp_path, bad):
-    """No world on disk and a bad checkpoint: train.py exits in seconds with the usual message, generating nothing."""
-    world, out = tmp_path / "world", tmp_path / "out"
+    """No world on disk and a bad checkpoint: train.py exits in seconds with the usual message, generating nothing.
+    It runs in tmp_path, so its default data_dir (data/phantom, where the world may be made) is empty there."""
+    world, out = tmp_path / "data" / "phantom", tmp_path / "out"
     out.mkdir()
     if bad == "runs code":
         path, want = tmp_path / "evil.pt", "Weights only load failed"
@@ -2201,8 +2202,8 @@ def test_bad_checkpoint_is_refused_in_seconds_before_any_data(tmp_path, bad):
         path, want = "resume", "ckpt.pt (model) does not fit this model config"
         torch.save({"model": SparseMedicalViT(ModelConfig(dim=24, depth=1, heads=2)).state_dict(), "step": 0}, out / "ckpt.pt")
     t0 = time.time()
-    r = subprocess.run([sys.executable, "train.py", f"--data_dir={world}", f"--out_dir={out}", f"--init_from={path}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), f"--out_dir={out}", f"--init_from={path}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode != 0 and want in r.stderr, r.stderr[-2000:]
     assert time.time() - t0 < 30
     assert not world.exists() and not (tmp_path / "pwned").exists()
@@ -2626,3 +2627,66 @@ def test_max_voxels_flag_refuses_and_a_raised_budget_retries(tmp_path, capsys):
     rep = data.main(cli + ["--max_voxels", "2880"])
     assert (rep["written"], rep["failed"], rep["shards_skipped"]) == (1, 0, 0)
     assert data.main(cli + ["--max_voxels", "2880"])["shards_skipped"] == 1  # same budget: kept
+
+
+# -----------------------------------------------------------------------------
+# the paper recipe never trains on the phantom world by mistake; choice-valued knobs name their values
+
+class WouldGenerate(Exception):
+    """Raised in place of data.make_phantom: the run was about to make a phantom world."""
+
+
+def test_data_dir_guard_allows_only_the_phantom_folder_and_data(tmp_path, monkeypatch):
+    """The rule, on folders made here: data/phantom (relative or absolute), a folder with phantom.json, a folder with
+    shards or a report.json pass; any other missing or empty folder is refused naming itself and the commands."""
+    monkeypatch.chdir(tmp_path)
+    for ok in ("data/phantom", str(tmp_path / "data" / "phantom"), "data/phantom/"):
+        data.check_data_dir(ok)
+    for name, content in (("marked", "phantom.json"), ("real", "report.json")):
+        os.makedirs(name)
+        (tmp_path / name / content).write_text(json.dumps({"x": {"complete": True}}))
+        data.check_data_dir(name)
+    data.write_shard(tmp_path / "real" / "a_train_2d_00000.h5", _samples(1, '2d', np.random.default_rng(0)))
+    os.remove(tmp_path / "real" / "report.json")
+    data.check_data_dir("real")
+    os.makedirs("empty")
+    for bad, state in (("data/paper", "missing"), ("empty", "no shards")):
+        with pytest.raises(FileNotFoundError, match=rf"(?s)data_dir {bad}: {state}.*python data.py mimic .*--out {bad}\n.*"
+                                                    rf"python data.py ctrate .*--out {bad}\n.*python data.py phantom --out {bad}"):
+            data.check_data_dir(bad)
+    assert not os.path.exists("data/paper")
+
+
+@pytest.mark.parametrize("script", ["train", "probe", "bench"])
+def test_paper_recipe_without_its_data_stops_before_any_model_or_data_work(tmp_path, monkeypatch, script):
+    """The new user who forgot the data step: `python train.py config/stage1.py` (data_dir data/paper, here in
+    tmp_path), and probe.py and bench.py on the same folder, stop in seconds with the folder and the data commands;
+    nothing is generated (data.make_phantom would raise WouldGenerate), and train.py builds no model (it would raise)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = train.configure({k: getattr(train, k) for k in train.config_keys}, [os.path.join(REPO, "config", "stage1.py")])
+    assert cfg["data_dir"] == "data/paper"
+    if script == "probe":
+        pcfg = probe_cfg(tmp_path, "data/paper")  # a checkpoint made before the guards go up
+    monkeypatch.setattr(data, "make_phantom", lambda *a, **k: (_ for _ in ()).throw(WouldGenerate()))
+    monkeypatch.setattr(train, "SparseMedicalViT", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
+    run = {"train": lambda: train.main(cfg), "probe": lambda: probe.main(pcfg),
+           "bench": lambda: bench.main(bench_cfg("data/paper"))}[script]
+    t0 = time.time()
+    with pytest.raises(FileNotFoundError, match=r"(?s)data_dir data/paper: missing.*python data.py mimic.*python data.py ctrate"):
+        run()
+    assert time.time() - t0 < 10 and not os.path.exists("data/paper")
+
+
+@pytest.mark.parametrize("script, knob, value", [
+    ("train", "preset", "huge"), ("train", "device", "gpu"), ("train", "dtype", "fp16"), ("train", "objective", "mae"),
+    ("train", "init_from", "resum"), ("bench", "preset", "huge"), ("bench", "device", "gpu"), ("probe", "device", "gpu")])
+def test_choice_valued_knobs_name_their_values(shards, tmp_path, script, knob, value):
+    """A value outside a knob's choices is a ValueError naming the knob, the value and every allowed value, raised
+    before any work (old: preset='huge' a bare KeyError; device='gpu' and dtype='fp16' ran on the CPU in fp32)."""
+    allowed = {"preset": "'tiny', 'small', 'base'", "device": "'auto', 'cpu', 'cuda'", "dtype": "'auto', 'float32', 'bfloat16'",
+               "objective": "'lejepa', 'supervised'", "init_from": "'scratch', 'resume', 'auto' or a checkpoint file"}[knob]
+    cfg = {"train": lambda: fast_cfg(shards, str(tmp_path / "out")), "bench": lambda: bench_cfg(shards),
+           "probe": lambda: probe_cfg(tmp_path, shards)}[script]()
+    with pytest.raises(ValueError, match=rf"{knob}='{value}': expected ") as e:
+        {"train": train.main, "bench": bench.main, "probe": probe.main}[script](dict(cfg, **{knob: value}))
+    assert allowed in str(e.value)

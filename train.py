@@ -84,6 +84,8 @@ seed = 1337
 deterministic = False         # torch.use_deterministic_algorithms (tests: exact resume)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+CHOICES = {"preset": tuple(PRESETS), "objective": ("lejepa", "supervised"), "sup_views": ("whole", "global"),
+           "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16")}  # the choice-valued knobs
 
 
 def configure(defaults: dict, argv: list) -> dict:
@@ -117,6 +119,14 @@ def configure(defaults: dict, argv: list) -> dict:
                 print(f"override from {origin}: {k} = {v!r}")
             cfg[k] = v
     return cfg
+
+
+def check_choices(cfg: dict, choices: dict):
+    """ValueError naming the allowed values of a choice-valued knob set to anything else (a bare KeyError, or a
+    'gpu' device silently run on the CPU, otherwise)."""
+    for name, allowed in choices.items():
+        if name in cfg and cfg[name] not in allowed:
+            raise ValueError(f"{name}={cfg[name]!r}: expected one of {', '.join(map(repr, allowed))}")
 
 
 def get_lr(it: int, cfg: dict) -> float:
@@ -180,6 +190,12 @@ def save_checkpoint(obj: dict, path: str):
 
 
 def main(cfg: dict):
+    # --- the config's choices and its data folder, checked before anything is built or started: fails in seconds
+    check_choices(cfg, CHOICES)
+    if cfg["init_from"] not in ("scratch", "resume", "auto") and not os.path.isfile(cfg["init_from"]):
+        raise ValueError(f"init_from={cfg['init_from']!r}: expected 'scratch', 'resume', 'auto' or a checkpoint file")
+    data.check_data_dir(cfg["data_dir"])
+
     # --- distributed: torchrun sets RANK; then init must succeed (never two silent independent runs)
     ddp = "RANK" in os.environ
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -202,9 +218,6 @@ def main(cfg: dict):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
     torch.manual_seed(cfg["seed"])
     torch.use_deterministic_algorithms(cfg["deterministic"])
-    for name, allowed in (("objective", ("lejepa", "supervised")), ("sup_views", ("whole", "global"))):
-        if cfg[name] not in allowed:
-            raise ValueError(f"{name}={cfg[name]!r}: expected one of {allowed}")
     for name in ("batch_2d", "batch_3d"):
         assert cfg[name] % world == 0, f"{name}={cfg[name]} must be divisible by the world size {world}"
     b2d, b3d = cfg["batch_2d"] // world, cfg["batch_3d"] // world  # this rank's share
