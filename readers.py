@@ -91,6 +91,8 @@ def _read_picture(path, rec):
             im.load()  # decode now: a truncated file fails here, not later in a worker
             im = im.getchannel(0) if im.mode == 'LA' else im
             a = np.asarray(im if im.mode in ('1', 'L', 'F') or im.mode.startswith('I') else im.convert('RGB'))
+    except BadInput:
+        raise
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's corrupt/truncated/unidentified errors
         raise BadInput(f'corrupt or truncated image ({e})') from None
     except Image.DecompressionBombError as e:  # not a ValueError: its own reason, not "unexpected"
@@ -131,6 +133,16 @@ def _read_dicom(path, rec):
         raise BadInput('DICOM without pixel data (a report, presentation state or key object?)')
     if int(ds.get('SamplesPerPixel', 1)) != 1:
         raise BadInput(f'RGB colour DICOM ({ds.get("PhotometricInterpretation")}): X-ray and CT are grayscale')
+    try:  # uncompressed pixels: their byte count is fixed by the header, and pydicom reads a header that lies
+        raw = 'PixelData' in ds and not ds.file_meta.TransferSyntaxUID.is_compressed  # small as extra frames
+    except Exception:  # no file meta, or a transfer syntax pydicom does not know: pixel_array decides below
+        raw = False
+    if raw:
+        frames, rows, cols, _ = _dicom_shape(ds)
+        want = math.ceil(frames * rows * cols * int(ds.get('BitsAllocated') or 0) / 8)
+        if len(ds.PixelData) not in (want, want + 1):  # + 1: the pad byte of an odd length
+            raise BadInput(f'DICOM pixel data holds {len(ds.PixelData)} bytes, its header declares {frames} x {rows} x '
+                           f'{cols} at {ds.get("BitsAllocated")} bits ({want} bytes): a corrupt header or a cut file')
     try:
         a = ds.pixel_array
     except Exception as e:
