@@ -344,14 +344,16 @@ def _results(work, records, workers, command):
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     yield fut.result()  # finished before the pool broke
                     continue
-                solo = solo or _new_pool(1)
-                try:
-                    yield solo.submit(work, r).result()
-                except BrokenProcessPool:
-                    solo.shutdown(wait=False)
-                    solo = None
-                    yield None, ("its worker process died twice while reading it (killed by the OS: out of memory? "
-                                 "or stuck in a decoder past twice --file_timeout)")
+                for _ in range(2):  # twice: a record that merely shared the broken pool may meet a stray kill too
+                    solo = solo or _new_pool(1)
+                    try:
+                        result = solo.submit(work, r).result()
+                        break
+                    except BrokenProcessPool:
+                        solo.shutdown(wait=False)
+                        solo, result = None, (None, "its process died each time it read it, twice on its own (killed "
+                                              "by the OS: out of memory? or stuck in a decoder past twice --file_timeout)")
+                yield result
             if solo:
                 solo.shutdown()
             pool, inflight = _new_pool(workers), deque()

@@ -2809,3 +2809,45 @@ def test_fuzzed_files_load_with_their_declared_shape_or_are_reported(tmp_path):
             assert out.shape == declared_shape(ext, b), (path, out.shape, declared_shape(ext, b))
     loaded = {op: sum(os.path.basename(p).startswith(op) for p in written) for op in FUZZ_OPS}
     print(f"fuzz: {len(written)} of {len(made)} mutants loaded ({loaded}), {len(reasons)} reported")
+
+
+def _dying_load(rec):
+    """load_fn whose process is killed (SIGKILL, as the OOM killer does) on 'die' records, and on 'die_once' records
+    the first time only (a marker file remembers); the others as _toy_load. Top level: spawned workers import it."""
+    once = rec['kind'] == 'die_once' and not os.path.exists(rec['marker'])
+    if once:
+        open(rec['marker'], 'w').close()
+    if rec['kind'] == 'die' or once:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _toy_load(dict(rec, kind='xray'))
+
+
+DYING = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import data, test_all
+recs = [test_all._rec(i, k) for i, k in enumerate({kinds!r})]
+for r in recs:
+    r['marker'] = {marker!r}
+rep = data.preprocess_records(recs, test_all._dying_load, {out!r}, 'toy', shard_size=3, workers=2, command={cmd!r})
+print(json.dumps(rep))
+"""
+
+
+@pytest.mark.slow  # ~60 s on a shared 2-core CPU: five pools of spawned processes, each importing torch
+def test_preprocessing_worker_killed_by_the_os_loses_nothing(tmp_path):
+    """Pool workers SIGKILLed while reading a record: the one that dies each time, also run alone, is reported as
+    such, the one that dies once is retried and written, every other record is written, the report is complete, and stderr
+    says what happened and how to resume. Before, multiprocessing.Pool replaced the worker and imap waited forever."""
+    kinds = ['xray', 'xray', 'die', 'xray', 'die_once', 'xray', 'xray', 'xray']
+    out, cmd = tmp_path / "out", "python data.py toy --root R --out O"
+    script = DYING.format(repo=REPO, kinds=kinds, marker=str(tmp_path / "died_once"), out=str(out), cmd=cmd)
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout.splitlines()[-1])
+    assert rep["complete"] and (rep["written"], rep["failed"]) == (7, 1) and rep["failures"][0]["id"] == "s2"
+    assert "its process died each time it read it, twice on its own" in rep["failures"][0]["reason"]
+    assert json.load(open(out / "report.json"))["toy"]["complete"] and os.path.exists(tmp_path / "died_once")
+    assert sorted(ShardDataset(out).id) == [f"s{i}" for i in range(8) if i != 2]
+    assert "a preprocessing worker process died" in r.stderr and f"resume it with `{cmd}`" in r.stderr
