@@ -2851,3 +2851,52 @@ def test_preprocessing_worker_killed_by_the_os_loses_nothing(tmp_path):
     assert json.load(open(out / "report.json"))["toy"]["complete"] and os.path.exists(tmp_path / "died_once")
     assert sorted(ShardDataset(out).id) == [f"s{i}" for i in range(8) if i != 2]
     assert "a preprocessing worker process died" in r.stderr and f"resume it with `{cmd}`" in r.stderr
+
+
+def _hanging_load(rec):
+    """load_fn that never returns on 'hang' records (a decoder in an endless loop); the others as _toy_load."""
+    while rec['kind'] == 'hang':
+        time.sleep(1)
+    return _toy_load(rec)
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="POSIX interval timers")
+def test_a_file_that_hangs_is_reported_at_the_time_limit(tmp_path):
+    """A record that never finishes loading is reported at --file_timeout with that reason; the run goes on."""
+    recs = [_rec(0, 'xray'), _rec(1, 'hang'), _rec(2, 'ct')]
+    t0 = time.time()
+    rep = data.preprocess_records(recs, _hanging_load, tmp_path, 'toy', workers=1, file_timeout=1.5)
+    assert time.time() - t0 < 20 and (rep['written'], rep['failed']) == (2, 1)
+    assert rep['failures'][0]['id'] == 's1' and "took longer than 1.5 s to load" in rep['failures'][0]['reason']
+    assert "--file_timeout" in rep['failures'][0]['reason'] and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+
+
+# -----------------------------------------------------------------------------
+# the loader's state: the batches do not depend on the number of worker processes
+
+def same(a, b) -> bool:
+    """Exact equality through nested tuples and lists of tensors and python values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_num_workers_0_1_2_give_the_same_batches_step_for_step(shard_dir):
+    """Each batch is a pure function of (seed, step, rank share), built whole by one worker, so 0, 1 and 2 DataLoader
+    workers give the same batches in the same order: ids, micro-batch cuts, every packed tensor, augmentation and
+    labels compared exactly (torchtitan's data-loader checkpointing test asks the same across its workers)."""
+    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
+    runs = {w: list(data.make_loader(ds2, ds3, 4, 2, seed=5, crop=MultiCrop(), start_step=1, stop_step=7, workers=w,
+                                     token_budget=100)) for w in (0, 1, 2)}
+    for w in (1, 2):
+        assert len(runs[w]) == len(runs[0]) == 6
+        for a, b in zip(runs[0], runs[w]):
+            assert (a['step'], a['id'], a['micro'], a['modality']) == (b['step'], b['id'], b['micro'], b['modality'])
+            assert torch.equal(a['aug'], b['aug'])
+            torch.testing.assert_close(a['labels'], b['labels'], rtol=0, atol=0, equal_nan=True)
+            for k, v in vars(a['packed']).items():
+                assert same(v, vars(b['packed'])[k]), k
+    assert [b['step'] for b in runs[0]] == list(range(1, 7)) and any(len(b['micro']) > 1 for b in runs[0])
+    assert runs[0][0]['id'] != runs[0][1]['id']  # consecutive steps differ: the comparison can fail
