@@ -8,7 +8,8 @@ shards -> the mixed 2D/3D stream of cropped, packed steps. Formats, measurements
     make_loader(ds2d, ds3d, b2d, b3d, ...)   the stream: workers read, crop, cut micro-batches, pack each step
     iterate_whole(ds, token_budget)          one pass over a split, whole images, packed, for the linear probe
 
-Usage: python data.py <name> --root R --out O [--workers N]     (python data.py phantom --out data/phantom)
+Usage: python data.py <name> --root R --out O [--workers N] [--max_voxels N] [--file_timeout S]
+       python data.py phantom --out data/phantom
 """
 
 import argparse
@@ -328,6 +329,7 @@ def _results(work, records, workers, command):
             while len(inflight) < 4 * workers and (r := next(todo, None)) is not None:  # a bounded window, in order
                 inflight.append((r, pool.submit(work, r)))
             if not inflight:
+                pool.shutdown()  # all done: leave no process behind
                 return
             r, fut = inflight.popleft()
             try:
