@@ -35,7 +35,8 @@ from model import ModelConfig, SparseMedicalViT, PRESETS
 
 # -----------------------------------------------------------------------------
 # data
-data_dir = "data/phantom"     # shard folder (python data.py ...); if empty or half made, the phantom world goes here
+data_dir = "data/phantom"     # shard folder (python data.py ...); the phantom world is made here if empty or half made
+                              # (any other empty folder is an error, unless its phantom.json says it is a world)
 batch_2d = 16                 # GLOBAL 2D samples per step, all ranks (paper: 256 in stage 1, 192 in stages 2-3)
 batch_3d = 16                 # GLOBAL 3D samples per step, all ranks (paper: 0 in stage 1, 64 in stages 2-3); the
                               # CPU world's CT learns slowest, so it gets half of each step (RESULTS.md, "Batch 16 + 16")
