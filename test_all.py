@@ -2760,7 +2760,6 @@ def declared_shape(ext, b):
     return int.from_bytes(b[i + 8:i + 10], 'little'), int.from_bytes(b[j + 8:j + 10], 'little')
 
 
-@pytest.mark.slow  # ~30 s on a shared 2-core CPU: 300 files through 2 spawned workers, then each read here
 def test_fuzzed_files_load_with_their_declared_shape_or_are_reported(tmp_path):
     """300 mutants (fixed seed) of valid PNG, JPEG, DICOM, .nii and .nii.gz files: truncated, header or pixel bytes
     flipped, bytes inserted or removed, a header that lies about the size. Through `data.preprocess_records` on 2
@@ -2834,7 +2833,7 @@ print(json.dumps(rep))
 """
 
 
-@pytest.mark.slow  # ~60 s on a shared 2-core CPU: five pools of spawned processes, each importing torch
+@pytest.mark.slow  # 33-55 s on a shared 2-core CPU: five pools of spawned processes, each importing torch
 def test_preprocessing_worker_killed_by_the_os_loses_nothing(tmp_path):
     """Pool workers SIGKILLed while reading a record: the one that dies each time, also run alone, is reported as
     such, the one that dies once is retried and written, every other record is written, the report is complete, and stderr
