@@ -2714,10 +2714,13 @@ def fuzz_bases(folder):
 
 
 def lie_about_shape(ext, b, rng):
-    """b with the image size in its header replaced by a random one, the header otherwise intact (PNG: CRC fixed):
-    half of them near the true size (so within the budget and decoded), half up to 3000 per side."""
-    top = int(rng.choice([60, 3000]))
-    b, h, w = bytearray(b), int(rng.integers(1, top)), int(rng.integers(1, top))
+    """b with the image size in its header replaced by another, the header otherwise intact (PNG: CRC fixed): a
+    third off the true number of rows by 1-3, a third up to 60 per side, a third up to 3000 per side."""
+    top = int(rng.choice([0, 60, 3000]))
+    b, h, w = bytearray(b), int(rng.integers(1, max(top, 2))), int(rng.integers(1, max(top, 2)))
+    if not top:  # a lie by a few rows: pydicom, for one, then reads the first rows' bytes and drops the rest
+        h, w = (20, 24) if ext == 'nii' else (40, 48)  # NIfTI: (y, x) of its (x, y, z) = (24, 20, 6)
+        h += int(rng.choice([-3, -2, -1, 1, 2, 3]))
     if ext == 'png':  # IHDR: width, height, ..., then its CRC over type + data
         b[16:24] = w.to_bytes(4, 'big') + h.to_bytes(4, 'big')
         b[29:33] = zlib.crc32(bytes(b[12:29])).to_bytes(4, 'big')
@@ -2729,7 +2732,7 @@ def lie_about_shape(ext, b, rng):
             i = b.index(tag)
             b[i + 8:i + 10] = v.to_bytes(2, 'little')
     else:  # NIfTI-1 dim[1..3], int16 at byte 42
-        b[42:48] = np.array([w, h, int(rng.integers(1, top // 10))], '<i2').tobytes()
+        b[42:48] = np.array([w, h, int(rng.integers(1, top // 10)) if top else 6], '<i2').tobytes()
     return bytes(b)
 
 
