@@ -240,12 +240,33 @@ def _on_alarm(signum, frame):
 
 def _prepare_one(load_fn, long_side, max_voxels, timeout, rec):
     """Worker: load + preprocess one record within `timeout` s. Returns (sample, None) or (None, reason)."""
+    try:  # outside the timed part: an alarm that fires while it is being disarmed still lands here
+        return _timed(timeout, partial(_prepare, load_fn, long_side, max_voxels, rec))
+    except _FileTimeout:
+        return None, f"took longer than {timeout:g} s to load (a hung decoder?); raise the limit with --file_timeout S"
+
+
+def _timed(timeout, fn):
+    """fn() with a per-file time limit (raises _FileTimeout), where the platform has interval timers."""
     alarm = bool(timeout) and hasattr(signal, 'setitimer') and threading.current_thread() is threading.main_thread()
+    hard = bool(timeout) and mp.parent_process() is not None
     if alarm:  # Python-level work is interrupted at the limit; a decoder stuck in C code, only once it returns...
         previous = signal.signal(signal.SIGALRM, _on_alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
-    if timeout and mp.parent_process() is not None:  # ... so a pool worker also dies at twice the limit (then reported)
+    if hard:  # ... so a pool worker also exits at twice the limit, and _results reports its record
         faulthandler.dump_traceback_later(2 * timeout + 5, exit=True)
+    try:
+        return fn()
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        if hard:
+            faulthandler.cancel_dump_traceback_later()
+
+
+def _prepare(load_fn, long_side, max_voxels, rec):
+    """Load + preprocess one record: (sample, None) or (None, reason)."""
     try:
         rec = dict(rec, max_voxels=max_voxels) if max_voxels else rec  # readers.MAX_VOXELS otherwise
         labels = rec.get('labels')
@@ -272,14 +293,6 @@ def _prepare_one(load_fn, long_side, max_voxels, timeout, rec):
         return None, str(e)
     except Exception as e:  # a decoder's own error on a corrupt file; counted, never silent
         return None, f"unexpected {type(e).__name__}: {e}"
-    except _FileTimeout:
-        return None, f"took longer than {timeout:g} s to load (a hung decoder?); raise the limit with --file_timeout S"
-    finally:
-        if alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-        if timeout and mp.parent_process() is not None:
-            faulthandler.cancel_dump_traceback_later()
 
 
 class _LogLines:
