@@ -2633,7 +2633,11 @@ def test_max_voxels_flag_refuses_and_a_raised_budget_retries(tmp_path, capsys):
 # the paper recipe never trains on the phantom world by mistake; choice-valued knobs name their values
 
 class WouldGenerate(Exception):
-    """Raised in place of data.make_phantom: the run was about to make a phantom world."""
+    """Raised in place of data.make_phantom (or a model): the run was about to make a phantom world (or a model)."""
+
+
+def _would_generate(*args, **kwargs):
+    raise WouldGenerate(args)
 
 
 def test_data_dir_guard_allows_only_the_phantom_folder_and_data(tmp_path, monkeypatch):
@@ -2667,8 +2671,8 @@ def test_paper_recipe_without_its_data_stops_before_any_model_or_data_work(tmp_p
     assert cfg["data_dir"] == "data/paper"
     if script == "probe":
         pcfg = probe_cfg(tmp_path, "data/paper")  # a checkpoint made before the guards go up
-    monkeypatch.setattr(data, "make_phantom", lambda *a, **k: (_ for _ in ()).throw(WouldGenerate()))
-    monkeypatch.setattr(train, "SparseMedicalViT", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
+    monkeypatch.setattr(data, "make_phantom", _would_generate)
+    monkeypatch.setattr(train, "SparseMedicalViT", _would_generate)
     run = {"train": lambda: train.main(cfg), "probe": lambda: probe.main(pcfg),
            "bench": lambda: bench.main(bench_cfg("data/paper"))}[script]
     t0 = time.time()
