@@ -8,21 +8,27 @@ shards -> the mixed 2D/3D stream of cropped, packed steps. Formats, measurements
     make_loader(ds2d, ds3d, b2d, b3d, ...)   the stream: workers read, crop, cut micro-batches, pack each step
     iterate_whole(ds, token_budget)          one pass over a split, whole images, packed, for the linear probe
 
-Usage: python data.py <name> --root R --out O [--workers N]     (python data.py phantom --out data/phantom)
+Usage: python data.py <name> --root R --out O [--workers N] [--max_voxels N] [--file_timeout S]
+       python data.py phantom --out data/phantom
 """
 
 import argparse
 import contextlib
+import faulthandler
 import glob
 import hashlib
 import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache, partial
 
 import h5py
@@ -46,6 +52,7 @@ CT_WINDOW = (2500.0, 250.0)          # (width, level) in HU, paper 2.4: [-1000, 
 SPLITS = ('train', 'val', 'test')
 STR_KEYS = ('id', 'patient_id', 'study_id', 'modality', 'split')  # the str columns of a shard, per sample
 COMPRESSION = None     # or 'lzf' (built into h5py): 3D shards ~30% smaller, 3D reads ~1-5 ms slower (DATA.md)
+FILE_TIMEOUT = 600     # seconds one record may take to load and preprocess (a 512^2 x 1200 CT: ~1 min); then refused
 
 
 class ShardError(RuntimeError):
@@ -224,9 +231,45 @@ def check_complete(path_or_glob):
                                  f"(finished shards are kept)")
 
 
-def _prepare_one(load_fn, long_side, rec):
-    """Worker: load + preprocess one record. Returns (sample, None) or (None, reason)."""
+class _FileTimeout(BaseException):
+    """Raised by the per-file alarm; a BaseException, so a reader's `except Exception` cannot mistake it for corruption."""
+
+
+def _on_alarm(signum, frame):
+    raise _FileTimeout
+
+
+def _prepare_one(load_fn, long_side, max_voxels, timeout, rec):
+    """Worker: load + preprocess one record within `timeout` s. Returns (sample, None) or (None, reason)."""
+    try:  # outside the timed part: an alarm that fires while it is being disarmed still lands here
+        return _timed(timeout, partial(_prepare, load_fn, long_side, max_voxels, rec))
+    except _FileTimeout:
+        return None, f"took longer than {timeout:g} s to load (a hung decoder?); raise the limit with --file_timeout S"
+
+
+def _timed(timeout, fn):
+    """fn() with a per-file time limit (raises _FileTimeout), where the platform has interval timers."""
+    alarm = bool(timeout) and hasattr(signal, 'setitimer') and threading.current_thread() is threading.main_thread()
+    hard = bool(timeout) and mp.parent_process() is not None
+    if alarm:  # Python-level work is interrupted at the limit; a decoder stuck in C code, only once it returns...
+        previous = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    if hard:  # ... so a pool worker also exits at twice the limit, and _results reports its record
+        faulthandler.dump_traceback_later(2 * timeout + 5, exit=True)
     try:
+        return fn()
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        if hard:
+            faulthandler.cancel_dump_traceback_later()
+
+
+def _prepare(load_fn, long_side, max_voxels, rec):
+    """Load + preprocess one record: (sample, None) or (None, reason)."""
+    try:
+        rec = dict(rec, max_voxels=max_voxels) if max_voxels else rec  # readers.MAX_VOXELS otherwise
         labels = rec.get('labels')
         if labels is None:
             raise BadInput('missing label row')
@@ -270,20 +313,75 @@ def progress(**kw) -> tqdm:
     return tqdm(file=_LogLines(), mininterval=30, **kw)
 
 
-def _records_sha(recs, load_fn, long_side) -> str:
-    """Fingerprint of a shard's records, labels, loader and size: a re-run with others rebuilds the shard."""
+def _records_sha(recs, load_fn, long_side, limits=()) -> str:
+    """Fingerprint of a shard's records, labels, loader and size: a re-run with others rebuilds the shard. limits:
+    non-default --max_voxels / --file_timeout, which decide what fails: raising one retries the files it refused."""
     ls = sorted(long_side.items()) if isinstance(long_side, dict) else long_side
-    h = hashlib.sha1(json.dumps([FORMAT_VERSION, ls, getattr(load_fn, '__qualname__', '')]).encode())
+    h = hashlib.sha1(json.dumps([FORMAT_VERSION, ls, getattr(load_fn, '__qualname__', '')] + list(limits)).encode())
     for r in recs:
         lab = r.get('labels')
         h.update(f"{r['id']}\t{r.get('path', '')}\t{'-' if lab is None else np.asarray(lab, np.float32).tolist()}\n".encode())
     return h.hexdigest()
 
 
+def _new_pool(workers):
+    # spawn, not fork: the parent may hold torch/OpenMP threads, and a forked child of those can hang; each
+    # worker starts with torch.set_num_threads(1), as there is one worker per core already
+    return ProcessPoolExecutor(workers, mp.get_context('spawn'), initializer=torch.set_num_threads, initargs=(1,))
+
+
+def _results(work, records, workers, command):
+    """work(r) for each record, in order, over `workers` spawned processes (here if 1). A worker that dies (kill -9,
+    the kernel's OOM killer) breaks the pool: the records it may have held are run again one at a time in a fresh
+    process, and one whose process dies again is reported as failed, so no record is lost and the run goes on."""
+    if workers <= 1:
+        yield from map(work, records)
+        return
+    pool, inflight, todo = _new_pool(workers), deque(), iter(records)
+    try:
+        while True:
+            while len(inflight) < 4 * workers and (r := next(todo, None)) is not None:  # a bounded window, in order
+                inflight.append((r, pool.submit(work, r)))
+            if not inflight:
+                pool.shutdown()  # all done: leave no process behind
+                return
+            r, fut = inflight.popleft()
+            try:
+                yield fut.result()
+                continue
+            except BrokenProcessPool:
+                lost = [(r, fut)] + list(inflight)
+            pool.shutdown(wait=False, cancel_futures=True)
+            print(f"warning: a preprocessing worker process died (killed by the OS: out of memory? kill -9?); its "
+                  f"{len(lost)} record(s) in flight run again one at a time. Finished shards are kept: if this run "
+                  f"stops, resume it with `{command}`", file=sys.stderr, flush=True)
+            solo = None  # one process at a time: when it dies, the record it held is the one that killed it
+            for r, fut in lost:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    yield fut.result()  # finished before the pool broke
+                    continue
+                for _ in range(2):  # twice: a record that merely shared the broken pool may meet a stray kill too
+                    solo = solo or _new_pool(1)
+                    try:
+                        result = solo.submit(work, r).result()
+                        break
+                    except BrokenProcessPool:
+                        solo.shutdown(wait=False)
+                        solo, result = None, (None, "its process died each time it read it, twice on its own (killed "
+                                              "by the OS: out of memory? or stuck in a decoder past twice --file_timeout)")
+                yield result
+            if solo:
+                solo.shutdown()
+            pool, inflight = _new_pool(workers), deque()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=None, workers=None,
-                       long_side=None, command=None) -> dict:
+                       long_side=None, command=None, max_voxels=None, file_timeout=FILE_TIMEOUT) -> dict:
     """Records (as adapters.py makes them) loaded by load_fn (picklable: raw 2D (H, W) or 3D (hu, spacing_zyx), or
-    BadInput), preprocessed over all cores into shards {prefix}_{split}_{modality}_NNNNN.h5 -> the report (DATA.md)."""
+    BadInput), preprocessed over all cores into shards {prefix}_{split}_{modality}_NNNNN.h5 -> the report (DATA.md).
+    max_voxels (None: readers.MAX_VOXELS) caps the size a file's header may declare; file_timeout, seconds per file."""
     os.makedirs(out_dir, exist_ok=True)
     command = command or f"python data.py {prefix} --root R --out {out_dir}"
     groups, seen = {}, set()
@@ -305,8 +403,9 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
                  for k, i in enumerate(range(0, len(rs), n))]
     rep = dict(command=command, written=0, skipped=0, failed=0, shards_written=0, shards_skipped=0, failures=[])
     todo = []
+    limits = [f"max_voxels={max_voxels}"] * bool(max_voxels) + [f"timeout={file_timeout}"] * (file_timeout != FILE_TIMEOUT)
     for path, rs in plan:
-        sha = _records_sha(rs, load_fn, long_side)
+        sha = _records_sha(rs, load_fn, long_side, limits)
         try:  # a finished shard of the same records is skipped; its failures stay in the report (still missing)
             with _open_shard(path) as h:
                 if h.attrs.get('records_sha') == sha:
@@ -324,12 +423,9 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
     # "complete": false until the last shard is written: readers refuse what a killed run left (check_complete)
     report = os.path.join(out_dir, 'report.json')  # {data set prefix: report of its last preprocessing run}
     _write_json(report, dict(_read_json(report), **{prefix: dict(command=command, complete=False)}))
-    work = partial(_prepare_one, load_fn, long_side)
+    work = partial(_prepare_one, load_fn, long_side, max_voxels, file_timeout)
     workers = min(workers or os.cpu_count() or 1, max(len(flat), 1))
-    # spawn, not fork: the parent may hold torch/OpenMP threads, and a forked child of those can hang; each
-    # worker starts with torch.set_num_threads(1), as there is one worker per core already
-    pool = mp.get_context('spawn').Pool(workers, torch.set_num_threads, (1,)) if workers > 1 else None
-    results = pool.imap(work, flat, chunksize=2) if pool else map(work, flat)
+    results = _results(work, flat, workers, command)
     try:
         with progress(total=len(flat), desc=f"{prefix} preprocess", disable=not flat) as bar:
             for path, rs, sha in todo:
@@ -347,9 +443,7 @@ def preprocess_records(records: list, load_fn, out_dir, prefix: str, shard_size=
                 rep['shards_written'] += 1
                 rep['failures'] += fails
     finally:
-        if pool:
-            pool.close()
-            pool.join()
+        results.close()  # stops the workers, also when interrupted
     rep['failed'], rep['complete'] = len(rep['failures']), True
     _write_json(report, dict(_read_json(report), **{prefix: rep}))
     print(f"{prefix}: written {rep['written']} | skipped {rep['skipped']} (finished shards) | failed {rep['failed']}"
@@ -627,8 +721,31 @@ def make_phantom(out_dir, workers=None, **config):
     return done
 
 
+PHANTOM_DIR = "data/phantom"  # the scripts' default data_dir: the only folder the phantom world is made in unasked
+
+
+def check_data_dir(data_dir):
+    """The scripts' check before any model or data work: data_dir holds data, or is where the phantom world belongs
+    (PHANTOM_DIR, or a folder whose phantom.json says so). Otherwise an error naming the commands that fill it: an
+    empty data/paper must never be trained on as a freshly made phantom world (50,000 GPU steps on toy data)."""
+    if (_find_shards(data_dir) or _read_json(os.path.join(data_dir, 'report.json'))
+            or _read_json(os.path.join(data_dir, 'phantom.json'))
+            or os.path.abspath(data_dir) == os.path.abspath(PHANTOM_DIR)):
+        return
+    raise FileNotFoundError(
+        f"data_dir {data_dir}: {'missing' if not os.path.exists(data_dir) else 'no shards (*.h5) there'}, and it is not "
+        f"the phantom world's folder ({PHANTOM_DIR}, or one with a phantom.json), so nothing is generated in it. Fill "
+        f"it first (README, \"Paper-scale recipe\"; DATA.md), e.g.\n"
+        f"  python data.py mimic    --root /data/mimic-cxr-jpg --out {data_dir}\n"
+        f"  python data.py ctrate   --root /data/ct-rate/dataset --out {data_dir}\n"
+        f"or point --data_dir at the folder that holds your shards; for the built-in phantom world there, on purpose: "
+        f"python data.py phantom --out {data_dir}")
+
+
 def ensure_phantom(data_dir, workers=None):
-    """The scripts' first step: the phantom world in an empty data_dir, or finished if it was interrupted."""
+    """The scripts' first data step: the phantom world in PHANTOM_DIR if empty, or finished if it was interrupted;
+    any other folder without data is refused (check_data_dir)."""
+    check_data_dir(data_dir)
     done = _read_json(os.path.join(data_dir, 'phantom.json'))
     if not done and (_find_shards(data_dir) or _read_json(os.path.join(data_dir, 'report.json'))):
         return  # real data sets
@@ -655,6 +772,10 @@ def main(argv=None):
     p.add_argument('--workers', type=int, default=None, help="processes (default: all CPU cores)")
     p.add_argument('--shard_size', type=int, default=None, help=f"samples per shard (default {SHARD_SIZE})")
     p.add_argument('--long_side', type=int, default=None, help=f"override the long side (default {LONG_SIDE})")
+    p.add_argument('--max_voxels', type=int, default=None, help="refuse a file whose header declares more voxels "
+                   f"(default {readers.MAX_VOXELS:,} = 512 x 512 x 2048), before reading it: bounds memory per worker")
+    p.add_argument('--file_timeout', type=float, default=FILE_TIMEOUT, help="seconds one file may take, then it is "
+                   f"refused (default {FILE_TIMEOUT})")
     g = p.add_argument_group('real-data adapters (adapters.py)')
     g.add_argument('--modality', choices=('xray', 'ct'), default='xray', help='folder: radiographs or CT')
     g.add_argument('--labels', default=None, help='folder: CSV with a path column and label columns')
@@ -672,7 +793,8 @@ def main(argv=None):
                              test_frac=args.test_frac)}.get(args.name, {})
     records_fn, load_fn = ADAPTERS[args.name]
     return preprocess_records(records_fn(args.root, **kwargs), load_fn, args.out, args.name, shard_size=args.shard_size,
-                              workers=args.workers, long_side=args.long_side,
+                              workers=args.workers, long_side=args.long_side, max_voxels=args.max_voxels,
+                              file_timeout=args.file_timeout,
                               command=' '.join(['python', 'data.py', *(sys.argv[1:] if argv is None else argv)]))
 
 

@@ -27,7 +27,7 @@ import adapters
 import data
 import views
 from model import ModelConfig, SparseMedicalViT
-from train import configure, load_weights
+from train import CHOICES, check_choices, configure, load_weights
 
 # -----------------------------------------------------------------------------
 # encoders and data
@@ -304,6 +304,7 @@ def load_encoders(cfg):
 
 
 def main(cfg: dict):
+    check_choices(cfg, {"device": CHOICES["device"]})
     lps = [lp.strip() for lp in cfg["lp_data"].split(",") if lp.strip()]
     if not lps or set(lps) - set(LP_DATA):
         raise ValueError(f"--lp_data={cfg['lp_data']!r}: expected a comma-separated subset of {', '.join(LP_DATA)}")

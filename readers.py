@@ -6,6 +6,7 @@ Pillow, pydicom and nibabel are optional extras, imported inside the functions t
 """
 
 import importlib
+import math
 import os
 
 import numpy as np
@@ -15,6 +16,11 @@ class BadInput(ValueError):
     """An input that cannot become a sample (corrupt, NaN, constant, too small, ...); the message says why."""
 
 
+# Voxel budget: every reader multiplies out the shape its file's header declares and refuses a file above this
+# BEFORE it reads a pixel, so a 3 MB .nii.gz declaring 1024 x 1024 x 1536 voxels of zeros costs nothing instead of
+# ~18 GB (peak memory of one file is a few float32 copies of at most this many voxels: ~10 GB at the default).
+# 2**29 = 512 x 512 x 2048: the largest real chest CTs (512 x 512 x ~1,200 at 0.5 mm) with 1.7x margin.
+MAX_VOXELS = 2 ** 29  # a record's 'max_voxels' overrides it (python data.py ... --max_voxels N)
 CANONICAL = ('S', 'P', 'L')  # nibabel axis codes of (Z, H, W): inferior->superior, A->P, R->L
 MIN_SIDE = 2         # pixels per axis below which a file is not an image; data.py checks >= 1 patch later
 GRAY_TOL = 2         # grey levels: an RGB file whose channels agree this closely is a grey image (JPEG noise)
@@ -38,6 +44,19 @@ def file_kind(path):
         return 'series' if os.path.isdir(path) else 'nifti' if p.endswith(('.nii', '.nii.gz')) else 'picture'
     with open(path, 'rb') as f:
         return 'dicom' if p.endswith('.dcm') or f.read(132)[128:] == b'DICM' else 'unknown'
+
+
+def _within_budget(shape, rec, what='file'):
+    """BadInput unless the declared shape is sane and holds at most the record's voxel budget (MAX_VOXELS)."""
+    shape = tuple(int(s) for s in shape)
+    budget = int(rec.get('max_voxels') or MAX_VOXELS)
+    if any(s < 0 for s in shape):
+        raise BadInput(f'{what} declares a negative size {shape}: corrupt header')
+    if math.prod(shape) > budget:
+        raise BadInput(f"{what} declares {' x '.join(map(str, shape))} = {math.prod(shape):,} voxels, over the "
+                       f"budget of {budget:,}: refused before reading its pixels (a memory bomb or a corrupt header?); "
+                       f"if it is real, raise the budget with python data.py ... --max_voxels N")
+    return shape
 
 
 def _usable(rec):
@@ -64,15 +83,20 @@ def _image(a, ndim):
     return np.ascontiguousarray(a, np.float32)
 
 
-def _read_picture(path):
+def _read_picture(path, rec):
     Image = _need('PIL.Image')
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # header only: PIL refuses > 2 x Image.MAX_IMAGE_PIXELS itself (bomb guard)
+            _within_budget((im.height, im.width, len(im.getbands())), rec, 'image')
             im.load()  # decode now: a truncated file fails here, not later in a worker
             im = im.getchannel(0) if im.mode == 'LA' else im
             a = np.asarray(im if im.mode in ('1', 'L', 'F') or im.mode.startswith('I') else im.convert('RGB'))
+    except BadInput:
+        raise
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's corrupt/truncated/unidentified errors
         raise BadInput(f'corrupt or truncated image ({e})') from None
+    except Image.DecompressionBombError as e:  # not a ValueError: its own reason, not "unexpected"
+        raise BadInput(f'image refused by Pillow as a decompression bomb ({e})') from None
     if a.ndim == 3:  # refuse colour: a radiograph with colour is a screenshot or carries overlays
         if (a.max(-1).astype(np.int32) - a.min(-1)).max() > GRAY_TOL:
             raise BadInput('RGB colour image: radiographs are grayscale (screenshot or overlay?)')
@@ -80,9 +104,27 @@ def _read_picture(path):
     return a
 
 
-def _read_dicom(path):
+def _dicom_header(path):
+    """The DICOM dataset without its pixel data (nothing large is read)."""
+    pydicom = _need('pydicom')
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as e:  # pydicom raises many types for a damaged file
+        raise BadInput(f'unreadable DICOM ({type(e).__name__}: {e})') from None
+
+
+def _dicom_shape(ds):
+    """(frames, rows, columns, samples) as the header declares them: what pixel_array would allocate."""
+    try:
+        return tuple(int(ds.get(k) or 1) for k in ('NumberOfFrames', 'Rows', 'Columns', 'SamplesPerPixel'))
+    except (TypeError, ValueError) as e:
+        raise BadInput(f'unreadable DICOM image size ({e})') from None
+
+
+def _read_dicom(path, rec):
     """(dataset, pixels float32 after RescaleSlope/Intercept); colour is refused (DX/CR/CT are MONOCHROME)."""
     pydicom = _need('pydicom')
+    _within_budget(_dicom_shape(_dicom_header(path)), rec, 'DICOM')  # a small compressed file can declare 64k x 64k
     try:
         ds = pydicom.dcmread(path)
     except Exception as e:  # pydicom raises many types for a damaged file
@@ -91,6 +133,16 @@ def _read_dicom(path):
         raise BadInput('DICOM without pixel data (a report, presentation state or key object?)')
     if int(ds.get('SamplesPerPixel', 1)) != 1:
         raise BadInput(f'RGB colour DICOM ({ds.get("PhotometricInterpretation")}): X-ray and CT are grayscale')
+    try:  # uncompressed pixels: their byte count is fixed by the header, and pydicom reads a header that lies
+        raw = 'PixelData' in ds and not ds.file_meta.TransferSyntaxUID.is_compressed  # small as extra frames
+    except Exception:  # no file meta, or a transfer syntax pydicom does not know: pixel_array decides below
+        raw = False
+    if raw:
+        frames, rows, cols, _ = _dicom_shape(ds)
+        want = math.ceil(frames * rows * cols * int(ds.get('BitsAllocated') or 0) / 8)
+        if len(ds.PixelData) not in (want, want + 1):  # + 1: the pad byte of an odd length
+            raise BadInput(f'DICOM pixel data holds {len(ds.PixelData)} bytes, its header declares {frames} x {rows} x '
+                           f'{cols} at {ds.get("BitsAllocated")} bits ({want} bytes): a corrupt header or a cut file')
     try:
         a = ds.pixel_array
     except Exception as e:
@@ -106,11 +158,11 @@ def load_xray(rec):
     path = _usable(rec)
     kind = file_kind(path)
     if kind == 'picture':
-        return _image(_read_picture(path), 2)
+        return _image(_read_picture(path, rec), 2)
     if kind != 'dicom':
         raise BadInput(f'unknown file type for a radiograph ({os.path.basename(path)}): expected '
                        '.png, .jpg, .jpeg or DICOM')
-    ds, a = _read_dicom(path)
+    ds, a = _read_dicom(path, rec)
     a = _image(a, 2)
     return a.max() + a.min() - a if ds.get('PhotometricInterpretation') == 'MONOCHROME1' else a
 
@@ -146,11 +198,37 @@ def _volume(a, m):
     return hu, spacing
 
 
+def _nifti_size_matches(path, proxy):
+    """BadInput unless the file holds exactly the bytes its header declares: nibabel reads the declared shape from
+    the start of the data, so a header that lies small (or a wrong vox_offset or datatype) would load silently as
+    another image. A .nii.gz is measured by its gzip trailer (ISIZE, the size mod 2**32; 0 in multi-member files)."""
+    try:
+        declared = int(proxy.offset) + math.prod(proxy.shape) * proxy.dtype.itemsize  # what nibabel will read
+    except Exception as e:  # an unknown datatype code, an offset nibabel cannot read
+        raise BadInput(f'corrupt NIfTI header ({type(e).__name__}: {e})') from None
+    with open(path, 'rb') as f:
+        if path.lower().endswith('.gz'):
+            f.seek(-4, os.SEEK_END)
+            held, declared = int.from_bytes(f.read(4), 'little'), declared % 2 ** 32
+            if held == 0:
+                return
+        else:
+            held = f.seek(0, os.SEEK_END)
+    if held != declared:
+        raise BadInput(f'NIfTI header declares {proxy.shape} {proxy.dtype} voxels, {declared} bytes '
+                       f'with the header, but the file holds {held}: truncated, or a corrupt header')
+
+
 def _read_nifti(path, rec):
     """(array, axes matrix): the record's scaling and geometry (original CT-RATE), else the header's."""
     nib = _need('nibabel')
     try:
-        img = nib.load(path)
+        img = nib.load(path)  # the header only: the pixels are read below
+    except Exception as e:
+        raise BadInput(f'corrupt or truncated NIfTI ({type(e).__name__}: {e})') from None
+    _within_budget(img.header.get_data_shape(), rec, 'NIfTI')
+    _nifti_size_matches(path, img.dataobj)
+    try:
         a = (np.asarray(img.dataobj.get_unscaled(), np.float32) * rec['slope'] + rec['intercept']
              if 'slope' in rec else img.get_fdata(dtype=np.float32))
     except Exception as e:  # gzip/zlib/EOF/header errors of a damaged file
@@ -164,13 +242,21 @@ def _read_nifti(path, rec):
     raise BadInput('NIfTI without orientation (qform_code = sform_code = 0): left and right are unknown')
 
 
-def _read_series(folder):
+def _read_series(folder, rec):
     """A folder's DICOM series -> (HU (Z, rows, cols), axes matrix), slices sorted by position along the normal."""
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if file_kind(os.path.join(folder, f)) == 'dicom')
+    shapes = []
+    for f in files:  # headers only: the series' size is known before any pixel is decoded
+        try:
+            shapes.append(_dicom_shape(_dicom_header(_usable({'path': f}))))
+        except BadInput as e:
+            raise BadInput(f'slice {os.path.basename(f)}: {e}') from None
+    if shapes:  # (files, frames, rows, columns, samples) of its largest file: an upper bound on the volume
+        _within_budget((len(files),) + max(shapes, key=math.prod), rec, 'DICOM series')
     slices = []
     for f in files:
         try:
-            slices.append(_read_dicom(_usable({'path': f})))
+            slices.append(_read_dicom(_usable({'path': f}), rec))
         except BadInput as e:
             raise BadInput(f'slice {os.path.basename(f)}: {e}') from None
     if len(slices) < MIN_SIDE:
@@ -204,7 +290,7 @@ def load_ct(rec):
     if kind not in ('nifti', 'series'):
         raise BadInput(f'unknown file type for CT ({os.path.basename(path)}): expected .nii, .nii.gz '
                        'or a folder of DICOM slices')
-    return _volume(*(_read_nifti(path, rec) if kind == 'nifti' else _read_series(path)))
+    return _volume(*(_read_nifti(path, rec) if kind == 'nifti' else _read_series(path, rec)))
 
 
 def load_radchest(rec):
@@ -212,7 +298,14 @@ def load_radchest(rec):
     path = _usable(rec)
     try:
         with np.load(path) as z:
+            with z.zip.open('ct.npy') as f:  # the member's npy header: its shape, before the array is read
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                shape = read_header[version](f)[0] if version in read_header else ()  # 3.0 (utf-8 names): rare
+            _within_budget(shape, rec, 'npz array "ct"')
             a = z['ct']
+    except BadInput:
+        raise
     except Exception as e:  # not a zip, truncated, no 'ct' key
         raise BadInput(f'corrupt RAD-ChestCT npz, expected key "ct" ({type(e).__name__}: {e})') from None
     return _volume(a, _axes_matrix(RADCHEST_AXES, (RADCHEST_MM,) * 3))

@@ -2588,8 +2588,9 @@ def test_kill9_during_world_generation_then_train_finishes_the_world_and_trains(
 
 @pytest.mark.parametrize("bad", ["runs code", "another config"])
 def test_bad_checkpoint_is_refused_in_seconds_before_any_data(tmp_path, bad):
-    """No world on disk and a bad checkpoint: train.py exits in seconds with the usual message, generating nothing."""
-    world, out = tmp_path / "world", tmp_path / "out"
+    """No world on disk and a bad checkpoint: train.py exits in seconds with the usual message, generating nothing.
+    It runs in tmp_path, so its default data_dir (data/phantom, where the world may be made) is empty there."""
+    world, out = tmp_path / "data" / "phantom", tmp_path / "out"
     out.mkdir()
     if bad == "runs code":
         path, want = tmp_path / "evil.pt", "Weights only load failed"
@@ -2598,8 +2599,8 @@ def test_bad_checkpoint_is_refused_in_seconds_before_any_data(tmp_path, bad):
         path, want = "resume", "ckpt.pt (model) does not fit this model config"
         torch.save({"model": SparseMedicalViT(ModelConfig(dim=24, depth=1, heads=2)).state_dict(), "step": 0}, out / "ckpt.pt")
     t0 = time.time()
-    r = subprocess.run([sys.executable, "train.py", f"--data_dir={world}", f"--out_dir={out}", f"--init_from={path}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), f"--out_dir={out}", f"--init_from={path}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode != 0 and want in r.stderr, r.stderr[-2000:]
     assert time.time() - t0 < 30
     assert not world.exists() and not (tmp_path / "pwned").exists()
@@ -2937,3 +2938,368 @@ def test_imports_go_one_way():
     assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
     assert not graph["readers"] and graph["adapters"] == {"readers"} and graph["phantom"] == {"adapters"}
     assert {"readers", "adapters", "phantom"} <= graph["data"] and "data" in graph["train"] and "train" in graph["probe"]
+
+# -----------------------------------------------------------------------------
+# memory bombs, fuzzed files and dead workers in preprocessing (readers.py, data.preprocess_records)
+
+def lying_nifti(path, shape, body=1024):
+    """A .nii.gz whose header declares `shape` int16 voxels (RAS, 0.5 mm) followed by only `body` zero bytes."""
+    nib = pytest.importorskip('nibabel')
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.int16)
+    hdr.set_sform(np.diag([0.5, 0.5, 0.5, 1]), code=1)
+    hdr['vox_offset'] = 352
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with gzip.open(path, 'wb') as f:
+        f.write(hdr.binaryblock + bytes(4 + body))
+
+
+def budget_files(root):
+    """One small valid file per reader, and the shape its header declares, as _within_budget multiplies it out."""
+    pytest.importorskip('pydicom'), pytest.importorskip('nibabel'), pytest.importorskip('PIL')
+    c, a = canonical_ct(), radiograph()
+    write_picture(f'{root}/x.png', a)
+    write_picture(f'{root}/x.jpg', a, 'L')
+    write_dicom(f'{root}/x.dcm', a.astype(np.uint16))
+    write_nifti(f'{root}/c.nii.gz', c.transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
+    write_series(f'{root}/series', c)
+    np.savez_compressed(f'{root}/c.npz', ct=c)
+    return {'x.png': (R.load_xray, (20, 24, 1)), 'x.jpg': (R.load_xray, (20, 24, 1)),
+            'x.dcm': (R.load_xray, (1, 20, 24, 1)), 'c.nii.gz': (R.load_ct, (24, 20, 6)),
+            'series': (R.load_ct, (6, 1, 20, 24, 1)), 'c.npz': (R.load_radchest, (6, 20, 24))}
+
+
+def test_voxel_budget_refuses_each_format_from_its_header(tmp_path):
+    """PNG, JPEG, DICOM, NIfTI, a DICOM series and npz: one voxel over the budget is refused naming the declared shape
+    and the flag; at the budget exactly, the file loads. The shapes are the ones written here."""
+    for name, (load, shape) in budget_files(str(tmp_path)).items():
+        n, rec = math.prod(shape), dict(path=str(tmp_path / name), labels=np.zeros(5))
+        want = rf"declares {' x '.join(map(str, shape))} = {n:,} voxels, over the budget of {n - 1:,}.*--max_voxels"
+        with pytest.raises(BadInput, match=want):
+            load(dict(rec, max_voxels=n - 1))
+        load(dict(rec, max_voxels=n))
+    assert R.MAX_VOXELS >= 512 * 512 * 1200 * 1.5  # the largest real chest CTs, with margin
+
+
+BOMB = """
+import json, resource, sys
+sys.path.insert(0, {repo!r})
+import data
+data.main(['folder', '--modality', 'ct', '--root', {root!r}, '--out', {out!r}, '--workers', '1'])
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))  # KiB on Linux
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and ru_maxrss in KiB: Linux")
+def test_nifti_bomb_is_refused_before_its_pixels_with_memory_bounded(tmp_path):
+    """A 3 KB .nii.gz declaring 1024 x 1024 x 1536 int16 voxels (3 GiB; 6 GiB as float32), next to a real CT, under
+    a 4 GB address-space limit: `python data.py folder` refuses it by its header (shape and flag named in
+    report.json), writes the CT, and peaks far below the bomb's size. Before the budget it died of MemoryError."""
+    root, out = tmp_path / "ct", tmp_path / "out"
+    lying_nifti(str(root / "bomb.nii.gz"), (1024, 1024, 1536))
+    write_nifti(str(root / "ok.nii.gz"), canonical_ct().transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    r = subprocess.run([sys.executable, "-c", BOMB.format(repo=REPO, root=str(root), out=str(out))], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.load(open(out / "report.json"))["folder"]
+    assert rep["written"] == 1 and [os.path.basename(f["file"]) for f in rep["failures"]] == ["bomb.nii.gz"]
+    why = rep["failures"][0]["reason"]
+    assert "declares 1024 x 1024 x 1536 = 1,610,612,736 voxels, over the budget of 536,870,912" in why, why
+    assert "--max_voxels" in why
+    peak_mib = int(r.stdout.split()[-1]) / 1024
+    assert peak_mib < 1500, peak_mib  # torch and h5py imported; the bomb alone would need 3-9 GiB
+
+
+def test_max_voxels_flag_refuses_and_a_raised_budget_retries(tmp_path, capsys):
+    """--max_voxels on the command line reaches the workers; a re-run with a larger budget retries the file it
+    refused (the budget is part of the shard's fingerprint), where a finished shard would otherwise be kept."""
+    root, out = tmp_path / "ct", str(tmp_path / "out")
+    write_nifti(str(root / "ok.nii.gz"), canonical_ct().transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
+    cli = ["folder", "--modality", "ct", "--root", str(root), "--out", out, "--workers", "1", "--val_frac", "0", "--test_frac", "0"]
+    with pytest.raises(RuntimeError, match="all 1 records failed"):
+        data.main(cli + ["--max_voxels", "2000"])
+    assert "declares 24 x 20 x 6 = 2,880 voxels, over the budget of 2,000" in capsys.readouterr().out
+    rep = data.main(cli + ["--max_voxels", "2880"])
+    assert (rep["written"], rep["failed"], rep["shards_skipped"]) == (1, 0, 0)
+    assert data.main(cli + ["--max_voxels", "2880"])["shards_skipped"] == 1  # same budget: kept
+
+
+# -----------------------------------------------------------------------------
+# the paper recipe never trains on the phantom world by mistake; choice-valued knobs name their values
+
+class WouldGenerate(Exception):
+    """Raised in place of data.make_phantom (or a model): the run was about to make a phantom world (or a model)."""
+
+
+def _would_generate(*args, **kwargs):
+    raise WouldGenerate(args)
+
+
+def test_data_dir_guard_allows_only_the_phantom_folder_and_data(tmp_path, monkeypatch):
+    """The rule, on folders made here: data/phantom (relative or absolute), a folder with phantom.json, a folder with
+    shards or a report.json pass; any other missing or empty folder is refused naming itself and the commands."""
+    monkeypatch.chdir(tmp_path)
+    for ok in ("data/phantom", str(tmp_path / "data" / "phantom"), "data/phantom/"):
+        data.check_data_dir(ok)
+    for name, content in (("marked", "phantom.json"), ("real", "report.json")):
+        os.makedirs(name)
+        (tmp_path / name / content).write_text(json.dumps({"x": {"complete": True}}))
+        data.check_data_dir(name)
+    data.write_shard(tmp_path / "real" / "a_train_2d_00000.h5", _samples(1, '2d', np.random.default_rng(0)))
+    os.remove(tmp_path / "real" / "report.json")
+    data.check_data_dir("real")
+    os.makedirs("empty")
+    for bad, state in (("data/paper", "missing"), ("empty", "no shards")):
+        with pytest.raises(FileNotFoundError, match=rf"(?s)data_dir {bad}: {state}.*python data.py mimic .*--out {bad}\n.*"
+                                                    rf"python data.py ctrate .*--out {bad}\n.*python data.py phantom --out {bad}"):
+            data.check_data_dir(bad)
+    assert not os.path.exists("data/paper")
+
+
+@pytest.mark.parametrize("script", ["train", "probe", "bench"])
+def test_paper_recipe_without_its_data_stops_before_any_model_or_data_work(tmp_path, monkeypatch, script):
+    """The new user who forgot the data step: `python train.py config/stage1.py` (data_dir data/paper, here in
+    tmp_path), and probe.py and bench.py on the same folder, stop in seconds with the folder and the data commands;
+    nothing is generated (data.make_phantom would raise WouldGenerate), and train.py builds no model (it would raise)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = train.configure({k: getattr(train, k) for k in train.config_keys}, [os.path.join(REPO, "config", "stage1.py")])
+    assert cfg["data_dir"] == "data/paper"
+    if script == "probe":
+        pcfg = probe_cfg(tmp_path, "data/paper")  # a checkpoint made before the guards go up
+    monkeypatch.setattr(data, "make_phantom", _would_generate)
+    monkeypatch.setattr(train, "SparseMedicalViT", _would_generate)
+    run = {"train": lambda: train.main(cfg), "probe": lambda: probe.main(pcfg),
+           "bench": lambda: bench.main(bench_cfg("data/paper"))}[script]
+    t0 = time.time()
+    with pytest.raises(FileNotFoundError, match=r"(?s)data_dir data/paper: missing.*python data.py mimic.*python data.py ctrate"):
+        run()
+    assert time.time() - t0 < 10 and not os.path.exists("data/paper")
+
+
+@pytest.mark.parametrize("script, knob, value", [
+    ("train", "preset", "huge"), ("train", "device", "gpu"), ("train", "dtype", "fp16"), ("train", "objective", "mae"),
+    ("train", "init_from", "resum"), ("bench", "preset", "huge"), ("bench", "device", "gpu"), ("probe", "device", "gpu")])
+def test_choice_valued_knobs_name_their_values(shards, tmp_path, script, knob, value):
+    """A value outside a knob's choices is a ValueError naming the knob, the value and every allowed value, raised
+    before any work (old: preset='huge' a bare KeyError; device='gpu' and dtype='fp16' ran on the CPU in fp32)."""
+    allowed = {"preset": "'tiny', 'small', 'base'", "device": "'auto', 'cpu', 'cuda'", "dtype": "'auto', 'float32', 'bfloat16'",
+               "objective": "'lejepa', 'supervised'", "init_from": "'scratch', 'resume', 'auto' or a checkpoint file"}[knob]
+    cfg = {"train": lambda: fast_cfg(shards, str(tmp_path / "out")), "bench": lambda: bench_cfg(shards),
+           "probe": lambda: probe_cfg(tmp_path, shards)}[script]()
+    with pytest.raises(ValueError, match=rf"{knob}='{value}': expected ") as e:
+        {"train": train.main, "bench": bench.main, "probe": probe.main}[script](dict(cfg, **{knob: value}))
+    assert allowed in str(e.value)
+
+
+FUZZ_SEED, FUZZ_PER_OP = 28, 12  # 5 bases x 5 mutations x 12 = 300 mutants
+FUZZ_OPS = ("truncate", "header", "pixels", "length", "lying")
+
+
+def fuzz_bases(folder):
+    """Valid files as bytes, with the offset where their pixel bytes start: a radiograph as PNG, JPEG and DICOM,
+    a CT as NIfTI (.nii; .nii.gz is the same bytes gzipped, so its mutants are made before compression)."""
+    pydicom = pytest.importorskip('pydicom')
+    rng = np.random.default_rng(0)
+    a = np.clip(radiograph().astype(int) + rng.integers(0, 30, (20, 24)), 0, 255).astype(np.uint8)
+    a = np.kron(a, np.ones((2, 2), np.uint8))  # 40 x 48: one patch after resizing, with room to spare
+    write_picture(f'{folder}/b.png', a)
+    write_picture(f'{folder}/b.jpg', a, 'L')
+    write_dicom(f'{folder}/b.dcm', a.astype(np.uint16))
+    write_nifti(f'{folder}/b.nii', canonical_ct().transpose(2, 1, 0), np.diag([-0.7, -0.6, 1.5, 1]))
+    raw = {ext: open(f'{folder}/b.{ext}', 'rb').read() for ext in ('png', 'jpg', 'dcm', 'nii')}
+    starts = {'png': 33, 'jpg': raw['jpg'].index(b'\xff\xda'), 'dcm': len(raw['dcm']) - a.size * 2, 'nii': 352}
+    assert pydicom.dcmread(f'{folder}/b.dcm').PixelData == raw['dcm'][starts['dcm']:]
+    return raw, starts
+
+
+def lie_about_shape(ext, b, rng):
+    """b with the image size in its header replaced by another, the header otherwise intact (PNG: CRC fixed): a
+    third off the true number of rows by 1-3, a third up to 60 per side, a third up to 3000 per side."""
+    top = int(rng.choice([0, 60, 3000]))
+    b, h, w = bytearray(b), int(rng.integers(1, max(top, 2))), int(rng.integers(1, max(top, 2)))
+    if not top:  # a lie by a few rows: pydicom, for one, then reads the first rows' bytes and drops the rest
+        h, w = (20, 24) if ext == 'nii' else (40, 48)  # NIfTI: (y, x) of its (x, y, z) = (24, 20, 6)
+        h += int(rng.choice([-3, -2, -1, 1, 2, 3]))
+    if ext == 'png':  # IHDR: width, height, ..., then its CRC over type + data
+        b[16:24] = w.to_bytes(4, 'big') + h.to_bytes(4, 'big')
+        b[29:33] = zlib.crc32(bytes(b[12:29])).to_bytes(4, 'big')
+    elif ext == 'jpg':  # SOF0: FF C0, length, precision, height, width
+        i = b.index(b'\xff\xc0')
+        b[i + 5:i + 9] = h.to_bytes(2, 'big') + w.to_bytes(2, 'big')
+    elif ext == 'dcm':  # Rows (0028,0010) and Columns (0028,0011), explicit VR little endian US
+        for tag, v in ((b'\x28\x00\x10\x00US', h), (b'\x28\x00\x11\x00US', w)):
+            i = b.index(tag)
+            b[i + 8:i + 10] = v.to_bytes(2, 'little')
+    else:  # NIfTI-1 dim[1..3], int16 at byte 42
+        b[42:48] = np.array([w, h, int(rng.integers(1, top // 10)) if top else 6], '<i2').tobytes()
+    return bytes(b)
+
+
+def mutate(op, ext, b, start, rng):
+    """One mutant of the valid file b (pixels from byte `start` on)."""
+    if op == 'lying':
+        return lie_about_shape(ext, b, rng)
+    if op == 'truncate':
+        return b[:int(rng.integers(0, len(b)))]
+    if op == 'length':  # bytes inserted or removed somewhere
+        i, k = int(rng.integers(0, len(b))), int(rng.integers(1, 64))
+        return b[:i] + rng.bytes(k) + b[i:] if rng.random() < 0.5 else b[:i] + b[i + k:]
+    lo, hi = (0, start) if op == 'header' else (start, len(b))
+    b = bytearray(b)
+    for i in rng.integers(lo, hi, int(rng.integers(1, 5))):
+        b[i] ^= int(rng.integers(1, 256))
+    return bytes(b)
+
+
+def declared_shape(ext, b):
+    """The (H, W) the mutant's own header declares, parsed here without the readers' libraries."""
+    if ext == 'png':
+        return int.from_bytes(b[20:24], 'big'), int.from_bytes(b[16:20], 'big')
+    if ext == 'jpg':
+        i = min(j for j in (b.find(m) for m in (b'\xff\xc0', b'\xff\xc1', b'\xff\xc2')) if j >= 0)
+        return int.from_bytes(b[i + 5:i + 7], 'big'), int.from_bytes(b[i + 7:i + 9], 'big')
+    i, j = b.index(b'\x28\x00\x10\x00US'), b.index(b'\x28\x00\x11\x00US')
+    return int.from_bytes(b[i + 8:i + 10], 'little'), int.from_bytes(b[j + 8:j + 10], 'little')
+
+
+def test_fuzzed_files_load_with_their_declared_shape_or_are_reported(tmp_path):
+    """300 mutants (fixed seed) of valid PNG, JPEG, DICOM, .nii and .nii.gz files: truncated, header or pixel bytes
+    flipped, bytes inserted or removed, a header that lies about the size. Through `data.preprocess_records` on 2
+    spawned workers with a 20 s limit per file, every mutant is written or reported with a reason; none kills a
+    worker or runs out its time. Read directly, each one that loads has the shape its own header declares (parsed
+    here), and a DICOM or NIfTI the original's size (40 x 48; 2,880 voxels): their uncompressed pixels pin the
+    size, so a header that lies about it never loads as another image."""
+    raw, starts = fuzz_bases(tmp_path / "bases")
+    rng, made = np.random.default_rng(FUZZ_SEED), {}
+    for ext in ('png', 'jpg', 'dcm', 'nii', 'nii.gz'):
+        base = 'nii' if ext == 'nii.gz' else ext
+        folder = tmp_path / ("ct" if base == 'nii' else "xray")
+        folder.mkdir(exist_ok=True)
+        for op in FUZZ_OPS:
+            for k in range(FUZZ_PER_OP):
+                b = mutate(op, base, raw[base], starts[base], rng)
+                name = f"{op}{k:02d}.{ext}"
+                (folder / name).write_bytes(gzip.compress(b, mtime=0) if ext == 'nii.gz' else b)
+                made[str(folder / name)] = (base, b)
+    recs = A.records_folder(str(tmp_path / "xray"), 'xray') + A.records_folder(str(tmp_path / "ct"), 'ct')
+    for r in recs:
+        r['id'] = r['path']  # unique across both folders
+    assert len(recs) == len(made) == 5 * len(FUZZ_OPS) * FUZZ_PER_OP
+    rep = data.preprocess_records(recs, R.load_folder, tmp_path / "out", 'fuzz', workers=2, max_voxels=10 ** 6,
+                                  file_timeout=20)
+    reasons = {f['id']: f['reason'] for f in rep['failures']}
+    written = set(ShardDataset(tmp_path / "out").id) if rep['written'] else set()
+    assert written | set(reasons) == set(made) and not written & set(reasons) and rep['written'] == len(written)
+    assert all(why.strip() for why in reasons.values())
+    assert not [why for why in reasons.values() if 'died' in why or 'took longer' in why], reasons
+    for path, (ext, b) in made.items():  # the shapes, read here: none of these can hang or crash any more
+        rec = dict(path=path, modality='3d' if ext == 'nii' else '2d', labels=np.zeros(5), max_voxels=10 ** 6)
+        try:
+            out = R.load_folder(rec)
+        except BadInput:
+            assert path not in written, path
+            continue
+        except Exception as e:  # a decoder's own error: preprocess_records reports it as "unexpected ..."
+            assert path in reasons and f"unexpected {type(e).__name__}" in reasons[path], (path, e)
+            continue
+        if ext == 'nii':
+            assert out[0].size == canonical_ct().size, (path, out[0].shape)
+        elif ext == 'dcm':  # uncompressed: the byte count pins the size
+            assert out.shape == (40, 48) == declared_shape(ext, b), (path, out.shape, declared_shape(ext, b))
+        else:  # a compressed picture that lies small decodes as the smaller image it declares
+            assert out.shape == declared_shape(ext, b), (path, out.shape, declared_shape(ext, b))
+    loaded = {op: sum(os.path.basename(p).startswith(op) for p in written) for op in FUZZ_OPS}
+    print(f"fuzz: {len(written)} of {len(made)} mutants loaded ({loaded}), {len(reasons)} reported")
+
+
+def _dying_load(rec):
+    """load_fn whose process is killed (SIGKILL, as the OOM killer does) on 'die' records, and on 'die_once' records
+    the first time only (a marker file remembers); the others as _toy_load. Top level: spawned workers import it."""
+    once = rec['kind'] == 'die_once' and not os.path.exists(rec['marker'])
+    if once:
+        open(rec['marker'], 'w').close()
+    if rec['kind'] == 'die' or once:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _toy_load(dict(rec, kind='xray'))
+
+
+DYING = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import data, test_all
+recs = [test_all._rec(i, k) for i, k in enumerate({kinds!r})]
+for r in recs:
+    r['marker'] = {marker!r}
+rep = data.preprocess_records(recs, test_all._dying_load, {out!r}, 'toy', shard_size=3, workers=2, command={cmd!r})
+print(json.dumps(rep))
+"""
+
+
+@pytest.mark.slow  # 33-55 s on a shared 2-core CPU: five pools of spawned processes, each importing torch
+def test_preprocessing_worker_killed_by_the_os_loses_nothing(tmp_path):
+    """Pool workers SIGKILLed while reading a record: the one that dies each time, also run alone, is reported as
+    such, the one that dies once is retried and written, every other record is written, the report is complete, and stderr
+    says what happened and how to resume. Before, multiprocessing.Pool replaced the worker and imap waited forever."""
+    kinds = ['xray', 'xray', 'die', 'xray', 'die_once', 'xray', 'xray', 'xray']
+    out, cmd = tmp_path / "out", "python data.py toy --root R --out O"
+    script = DYING.format(repo=REPO, kinds=kinds, marker=str(tmp_path / "died_once"), out=str(out), cmd=cmd)
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout.splitlines()[-1])
+    assert rep["complete"] and (rep["written"], rep["failed"]) == (7, 1) and rep["failures"][0]["id"] == "s2"
+    assert "its process died each time it read it, twice on its own" in rep["failures"][0]["reason"]
+    assert json.load(open(out / "report.json"))["toy"]["complete"] and os.path.exists(tmp_path / "died_once")
+    assert sorted(ShardDataset(out).id) == [f"s{i}" for i in range(8) if i != 2]
+    assert "a preprocessing worker process died" in r.stderr and f"resume it with `{cmd}`" in r.stderr
+
+
+def _hanging_load(rec):
+    """load_fn that never returns on 'hang' records (a decoder in an endless loop); the others as _toy_load."""
+    while rec['kind'] == 'hang':
+        time.sleep(1)
+    return _toy_load(rec)
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="POSIX interval timers")
+def test_a_file_that_hangs_is_reported_at_the_time_limit(tmp_path):
+    """A record that never finishes loading is reported at --file_timeout with that reason; the run goes on."""
+    recs = [_rec(0, 'xray'), _rec(1, 'hang'), _rec(2, 'ct')]
+    t0 = time.time()
+    rep = data.preprocess_records(recs, _hanging_load, tmp_path, 'toy', workers=1, file_timeout=1.5)
+    assert time.time() - t0 < 20 and (rep['written'], rep['failed']) == (2, 1)
+    assert rep['failures'][0]['id'] == 's1' and "took longer than 1.5 s to load" in rep['failures'][0]['reason']
+    assert "--file_timeout" in rep['failures'][0]['reason'] and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+
+
+# -----------------------------------------------------------------------------
+# the loader's state: the batches do not depend on the number of worker processes
+
+def same(a, b) -> bool:
+    """Exact equality through nested tuples and lists of tensors and python values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_num_workers_0_1_2_give_the_same_batches_step_for_step(shard_dir):
+    """Each batch is a pure function of (seed, step, rank share), built whole by one worker, so 0, 1 and 2 DataLoader
+    workers give the same batches in the same order: ids, micro-batch cuts, every packed tensor, augmentation and
+    labels compared exactly (torchtitan's data-loader checkpointing test asks the same across its workers)."""
+    ds2, ds3 = ShardDataset(shard_dir, split='train', modality='2d'), ShardDataset(shard_dir, modality='3d')
+    runs = {w: list(data.make_loader(ds2, ds3, 4, 2, seed=5, crop=MultiCrop(), start_step=1, stop_step=7, workers=w,
+                                     token_budget=100)) for w in (0, 1, 2)}
+    for w in (1, 2):
+        assert len(runs[w]) == len(runs[0]) == 6
+        for a, b in zip(runs[0], runs[w]):
+            assert (a['step'], a['id'], a['micro'], a['modality']) == (b['step'], b['id'], b['micro'], b['modality'])
+            assert torch.equal(a['aug'], b['aug'])
+            torch.testing.assert_close(a['labels'], b['labels'], rtol=0, atol=0, equal_nan=True)
+            for k, v in vars(a['packed']).items():
+                assert same(v, vars(b['packed'])[k]), k
+    assert [b['step'] for b in runs[0]] == list(range(1, 7)) and any(len(b['micro']) > 1 for b in runs[0])
+    assert runs[0][0]['id'] != runs[0][1]['id']  # consecutive steps differ: the comparison can fail

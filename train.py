@@ -35,7 +35,8 @@ from model import ModelConfig, SparseMedicalViT, PRESETS
 
 # -----------------------------------------------------------------------------
 # data
-data_dir = "data/phantom"     # shard folder (python data.py ...); if empty or half made, the phantom world goes here
+data_dir = "data/phantom"     # shard folder (python data.py ...); the phantom world is made here if empty or half made
+                              # (any other empty folder is an error, unless its phantom.json says it is a world)
 batch_2d = 16                 # GLOBAL 2D samples per step, all ranks (paper: 256 in stage 1, 192 in stages 2-3)
 batch_3d = 16                 # GLOBAL 3D samples per step, all ranks (paper: 0 in stage 1, 64 in stages 2-3); the
                               # CPU world's CT learns slowest, so it gets half of each step (RESULTS.md, "Batch 16 + 16")
@@ -89,6 +90,9 @@ profile = 0                   # CUDA: trace this many steps after 10 of warm-up:
                               # waits for the host, and warn at every host sync (bench_gpu.sh)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+CHOICES = {"preset": tuple(PRESETS), "objective": ("lejepa", "supervised"), "sup_views": ("whole", "global"),
+           "view_pairing": ("sample", "shuffled"), "device": ("auto", "cpu", "cuda"),
+           "dtype": ("auto", "float32", "bfloat16")}  # the choice-valued knobs
 
 
 def configure(defaults: dict, argv: list) -> dict:
@@ -124,6 +128,14 @@ def configure(defaults: dict, argv: list) -> dict:
     return cfg
 
 
+def check_choices(cfg: dict, choices: dict):
+    """ValueError naming the allowed values of a choice-valued knob set to anything else (a bare KeyError, or a
+    'gpu' device silently run on the CPU, otherwise)."""
+    for name, allowed in choices.items():
+        if name in cfg and cfg[name] not in allowed:
+            raise ValueError(f"{name}={cfg[name]!r}: expected one of {', '.join(map(repr, allowed))}")
+
+
 def get_lr(it: int, cfg: dict) -> float:
     """Linear warmup, then cosine decay to min_lr: a pure function of the step, so resume needs only it."""
     if it < cfg["warmup_iters"]:
@@ -144,17 +156,13 @@ def run_info(device) -> dict:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> this rank's GPU if there is one, else the CPU."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda'")
+    """'auto' -> this rank's GPU if there is one, else the CPU (name checked against CHOICES)."""
     dev = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(f"cuda:{local_rank}" if dev == "cuda" else "cpu")
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """'auto' -> bf16 autocast on CUDA and on CPUs with native bf16, else fp32."""
-    if name not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"dtype={name!r}: expected 'auto', 'float32' or 'bfloat16'")
+    """'auto' -> bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (name checked against CHOICES)."""
     return name if name != "auto" else ("bfloat16" if device.type == "cuda" or cpu_has_bf16() else "float32")
 
 
@@ -269,6 +277,12 @@ def save_checkpoint(obj: dict, path: str):
 
 
 def main(cfg: dict):
+    # --- the config's choices and its data folder, checked before anything is built or started: fails in seconds
+    check_choices(cfg, CHOICES)
+    if cfg["init_from"] not in ("scratch", "resume", "auto") and not os.path.isfile(cfg["init_from"]):
+        raise ValueError(f"init_from={cfg['init_from']!r}: expected 'scratch', 'resume', 'auto' or a checkpoint file")
+    data.check_data_dir(cfg["data_dir"])
+
     # --- distributed: torchrun sets RANK; then init must succeed (never two silent independent runs)
     ddp = "RANK" in os.environ
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -294,10 +308,6 @@ def main(cfg: dict):
     set_deterministic(cfg["deterministic"])
     if cfg["profile"] and device.type != "cuda":
         raise ValueError(f"profile={cfg['profile']}: the GPU's wait for the host is a CUDA measurement; set --profile=0")
-    for name, allowed in (("objective", ("lejepa", "supervised")), ("sup_views", ("whole", "global")),
-                          ("view_pairing", ("sample", "shuffled"))):
-        if cfg[name] not in allowed:
-            raise ValueError(f"{name}={cfg[name]!r}: expected one of {allowed}")
     for name in ("batch_2d", "batch_3d"):
         assert cfg[name] % world == 0, f"{name}={cfg[name]} must be divisible by the world size {world}"
     b2d, b3d = cfg["batch_2d"] // world, cfg["batch_3d"] // world  # this rank's share
