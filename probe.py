@@ -160,7 +160,9 @@ def knn_scores(xtr, ytr, xte, k, T=knn_T, chunk=512) -> np.ndarray:
         yj = torch.from_numpy(ytr[:, j])[lab].double()
         for i in range(0, len(b), chunk):  # (chunk, N_train) similarities at a time: memory bounded
             top, idx = (b[i:i + chunk] @ a[lab].T).topk(min(k, int(lab.sum())), dim=1)
-            out[i:i + chunk, j] = (torch.softmax(top.double() / T, 1) * yj[idx]).sum(1).numpy()
+            w = torch.exp((top.double() - top[:, :1].double()) / T)  # softmax(top / T) unnormalised, max weight 1
+            # a ratio of two sums: k agreeing neighbours give exactly 0 or 1, so those samples tie (as they should)
+            out[i:i + chunk, j] = ((w * yj[idx]).sum(1) / w.sum(1)).numpy()
     return out
 
 
@@ -205,7 +207,7 @@ def few_shot_row(test_set, lp, encoder, k, y, draws, labels):
         aucs = np.nanmean(per, 0)
     return dict(test_set=test_set, lp_data=lp, protocol=f"{k}-shot", encoder=encoder,
                 auroc={l: _clean(a) for l, a in zip(labels, aucs)}, macro=_clean(_macro(macros)), ci_low=None,
-                ci_high=None, n_train=2 * k, n_test=int(len(y)), sd=_clean(np.nanstd(macros) if len(macros) else None),
+                ci_high=None, n_train=2 * k, n_test=int(len(y)), sd=_clean(np.nanstd(macros) if np.isfinite(macros).any() else None),
                 draws=[_clean(m) for m in macros])
 
 
