@@ -177,15 +177,13 @@ def few_shot_picks(y, k, rng) -> list:
     return picks
 
 
-def few_shot_scores(ztr, ytr, zte, picks, C=shot_C, max_iter=max_iter) -> np.ndarray:
-    """(N_test, K) decision scores of one logistic regression per finding on its picked samples; NaN where none.
-    z: features standardised on ALL train samples (labels unused): 2 samples cannot estimate a scale."""
-    s = np.full((len(zte), ytr.shape[1]), np.nan)
+def fit_few_shot(xtr, ytr, picks, scaler, C=shot_C, max_iter=max_iter):
+    """(scaler, [classifier or None per finding]) as fit_probe, for predict(): one logistic regression per finding on
+    its picked samples. The scaler is fit on ALL train features (labels unused): 2 samples cannot estimate a scale."""
+    ztr = scaler.transform(xtr)
     with threadpool_limits(1):  # as fit_probe: one BLAS thread is faster on these small problems
-        for j, idx in enumerate(picks):
-            if idx is not None:
-                s[:, j] = LogisticRegression(C=C, max_iter=max_iter).fit(ztr[idx], ytr[idx, j]).decision_function(zte)
-    return s
+        return scaler, [None if idx is None else LogisticRegression(C=C, max_iter=max_iter).fit(ztr[idx], ytr[idx, j])
+                        for j, idx in enumerate(picks)]
 
 
 def score_row(test_set, lp, encoder, y, s, patients, n_train, labels, n_boot, seed, protocol="linear"):
@@ -438,6 +436,8 @@ def main(cfg: dict):
             scaler = StandardScaler().fit(tr["x"])  # few-shot: standardised on all train features, labels unused
             picks = {k: [few_shot_picks(tr["y"], k, np.random.default_rng((cfg["seed"], k, d)))
                          for d in range(cfg["shot_draws"])] for k in shot_ks}  # the same draws for every encoder
+            shot_probes = {k: [fit_few_shot(tr["x"], tr["y"], pk, scaler, cfg["shot_C"], cfg["max_iter"]) for pk in
+                               picks[k]] for k in shot_ks}
             for k in shot_ks:
                 short = [l for l, pk in zip(labels, picks[k][0]) if pk is None]
                 if short and e is encoders[0]:
@@ -449,10 +449,8 @@ def main(cfg: dict):
                 rows.append(score_row(t, lp, e[0], te["y"], predict(p, te["x"]), *args))
                 rows += [score_row(t, lp, e[0], te["y"], knn_scores(tr["x"], tr["y"], te["x"], k, cfg["knn_T"]), *args,
                                    protocol=f"knn-{k}") for k in knn_ks]
-                zte = scaler.transform(te["x"])
-                rows += [few_shot_row(t, lp, e[0], k, te["y"], [few_shot_scores(
-                    scaler.transform(tr["x"]), tr["y"], zte, pk, cfg["shot_C"], cfg["max_iter"]) for pk in picks[k]],
-                    labels) for k in shot_ks]
+                rows += [few_shot_row(t, lp, e[0], k, te["y"], [predict(sp, te["x"]) for sp in shot_probes[k]], labels)
+                         for k in shot_ks]
     if cfg["pixel_floor"] and any(s["prefix"] == "phantom" and not s["external"] for s in sets.values()):
         rows += floor_rows(data_dir, labels, cfg["n_boot"], cfg["seed"])
 
