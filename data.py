@@ -7,6 +7,7 @@ shards -> the mixed 2D/3D stream of cropped, packed steps. Formats, measurements
     ShardDataset(path_or_glob, split, modality)             lazy reader, item = dict(image, labels, ...)
     make_loader(ds2d, ds3d, b2d, b3d, ...)   the stream: workers read, crop, cut micro-batches, pack each step
     iterate_whole(ds, token_budget)          one pass over a split, whole images, packed, for the linear probe
+    preprocess_file(path)                    one file -> the exact array the encoder trained on (embed.py)
 
 Usage: python data.py <name> --root R --out O [--workers N]     (python data.py phantom --out data/phantom)
 """
