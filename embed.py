@@ -194,8 +194,7 @@ def assemble(parts, out, meta, inputs) -> dict:
     fails, tmp = [], out + ".tmp"
     with h5py.File(tmp, "w") as h:
         for k, (shape, dt) in cols.items():
-            h.create_dataset(k, (0, *shape), dt, maxshape=(None, *shape), chunks=(1024, *shape) if k != "tokens"
-                             else (4096, dim))
+            h.create_dataset(k, (0, *shape), dt, maxshape=(None, *shape), chunks=True)  # h5py sizes the chunks
         for _, _, f in files:
             with np.load(f) as p:
                 idx, fidx = p["idx"], p["fail_idx"]
