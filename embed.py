@@ -117,6 +117,11 @@ def run(cfg: dict) -> dict:
         trained = data.trained_long_side(train_cfg.get("data_dir", ""))
         long_side = {m: v or trained[m] for m, v in long_side.items()}
     inputs = data.find_inputs(cfg["input"], None if cfg["modality"] == "auto" else cfg["modality"])
+    own = [os.path.abspath(cfg["out"] + ext) for ext in ("", ".tmp", ".parts")]  # an --out inside --input
+    mine = lambda p: any(os.path.abspath(p) == o or os.path.abspath(p).startswith(o + os.sep) for o in own)
+    if any(mine(p) for p, _ in inputs):
+        print(f"not inputs: {sum(mine(p) for p, _ in inputs)} files of this run's own output ({cfg['out']}*)")
+        inputs = [(p, m) for p, m in inputs if not mine(p)]
     meta = dict(ckpt=os.path.abspath(cfg["ckpt"]), ckpt_sha1=_sha1(cfg["ckpt"]), step=int(model.checkpoint["step"] or 0),
                 model_cfg=json.dumps(asdict(model.cfg)), git=str((model.checkpoint["run"] or {}).get("git", "unknown")),
                 preprocess_version=data.PREPROCESS_VERSION, long_side=json.dumps(long_side),

@@ -2673,28 +2673,29 @@ def test_embed_interrupted_then_resumed_ends_with_the_same_file(tmp_path, monkey
     open(tmp_path / "files" / "xray" / "broken.png", "wb").write(b"\x89PNG not really")
     ckpt = tiny_ckpt(tmp_path / "ckpt.pt")
     cfg = lambda out, **kw: embed_cfg(ckpt, tmp_path / "files", tmp_path / out, token_budget=120, tokens=True, **kw)
+    cut = "files/cut.h5"  # its output inside its input folder: OUT.parts/ must not become inputs on resume
     forwards, real_features, real_write = [], probe.features, embed._write_part
     monkeypatch.setattr(probe, "features", lambda *a, **k: forwards.append(1) or real_features(*a, **k))
     embed.run(cfg("whole.h5"))
     n_whole, forwards[:] = len(forwards), []
 
     def dies_on_the_third(*a):  # the run is killed as its third batch is done: two parts survive
-        if len(os.listdir(tmp_path / "cut.h5.parts")) == 3:  # manifest + 2 parts
+        if len(os.listdir(tmp_path / "files" / "cut.h5.parts")) == 3:  # manifest + 2 parts
             raise KeyboardInterrupt
         real_write(*a)
     monkeypatch.setattr(embed, "_write_part", dies_on_the_third)
     with pytest.raises(KeyboardInterrupt):
-        embed.run(cfg("cut.h5"))
-    assert not (tmp_path / "cut.h5").exists() and len(forwards) == 3
-    open(tmp_path / "cut.h5.parts" / "tmp999.npz", "wb").write(b"half a part")  # a kill mid-write leaves this
+        embed.run(cfg(cut))
+    assert not (tmp_path / cut).exists() and len(forwards) == 3
+    open(tmp_path / "files" / "cut.h5.parts" / "tmp999.npz", "wb").write(b"half a part")  # a kill mid-write leaves this
     with pytest.raises(ValueError, match="holds part of another run .*long_side"):  # other settings: refused
-        embed.run(cfg("cut.h5", long_side_2d=98))
+        embed.run(cfg(cut, long_side_2d=98))
     monkeypatch.setattr(embed, "_write_part", real_write)
     forwards[:] = []
-    embed.run(cfg("cut.h5"))
+    embed.run(cfg(cut))
     assert len(forwards) == n_whole - 2 and n_whole >= 5  # the two finished batches were not embedded again
-    a, b = read_h5(tmp_path / "whole.h5"), read_h5(tmp_path / "cut.h5")
-    assert sorted(a) == sorted(b) and not (tmp_path / "cut.h5.parts").exists()
+    a, b = read_h5(tmp_path / "whole.h5"), read_h5(tmp_path / cut)
+    assert sorted(a) == sorted(b) and not (tmp_path / "files" / "cut.h5.parts").exists()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert len(a["failed/path"]) == 1 and a["tokens"].shape[0] == a["token_offset"][-1] == a["grid"].prod(1).sum()
