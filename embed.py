@@ -122,6 +122,8 @@ def run(cfg: dict) -> dict:
     if any(mine(p) for p, _ in inputs):
         print(f"not inputs: {sum(mine(p) for p, _ in inputs)} files of this run's own output ({cfg['out']}*)")
         inputs = [(p, m) for p, m in inputs if not mine(p)]
+    if not inputs:
+        raise FileNotFoundError(f"--input {cfg['input']}: no files in it")
     meta = dict(ckpt=os.path.abspath(cfg["ckpt"]), ckpt_sha1=_sha1(cfg["ckpt"]), step=int(model.checkpoint["step"] or 0),
                 model_cfg=json.dumps(asdict(model.cfg)), git=str((model.checkpoint["run"] or {}).get("git", "unknown")),
                 preprocess_version=data.PREPROCESS_VERSION, long_side=json.dumps(long_side),
@@ -154,7 +156,8 @@ def run(cfg: dict) -> dict:
     batch, fails, a, toks = [], [], start, 0
 
     def flush(b):  # inputs [a, b) are done: embed the batch, write its part
-        x, tok, grids = np.zeros((0, model.cfg.dim), np.float32), None, []
+        x, grids = np.zeros((0, model.cfg.dim), np.float32), []  # a part of failures only has no rows
+        tok = x if cfg["tokens"] else None
         if batch:
             packed = data.pack_whole([q for _, q, _ in batch], P, model.cfg.alpha)
             x, tok = probe.features(model, packed, dev, tokens=cfg["tokens"])
@@ -183,6 +186,9 @@ def run(cfg: dict) -> dict:
           *(f"  failed {p}: {r}" for p, r in summary["failures"][:20]), sep="\n")
     if summary["failed"] > 20:
         print(f"  ... {summary['failed'] - 20} more in {cfg['out']} (failed/path, failed/reason)")
+    if not summary["embedded"]:  # a wrong --input or --modality, not a few bad files (as data.py's runner)
+        raise RuntimeError(f"all {len(inputs)} inputs failed, nothing embedded (first: {summary['failures'][0][0]}: "
+                           f"{summary['failures'][0][1]}); every reason is in {cfg['out']}")
     return summary
 
 
