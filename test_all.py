@@ -1736,7 +1736,8 @@ def learning_gain(tmp_path, **train_kw):
     cfg.update(train_kw)
     train.main(cfg)
     pc = {k: getattr(probe, k) for k in probe.config_keys}
-    pc.update(ckpt=str(out / "ckpt.pt"), lp_data="3d", n_boot=200, figures=False, pixel_floor=False, num_workers=0)
+    pc.update(ckpt=str(out / "ckpt.pt"), lp_data="3d", n_boot=200, figures=False, pixel_floor=False, num_workers=0,
+              knn="", shots="")  # the linear probe's rows only
     probe.main(pc)
     rows = {r["encoder"]: r for r in json.load(open(out / "probe" / "probe.json")) if r["test_set"] == "phantom-3d"}
     trained = rows[f"{cfg['objective']}-{cfg['max_iters']}"]
