@@ -37,7 +37,7 @@ from train import configure
 ckpt = "out/ckpt.pt"          # train.py checkpoint
 input = ""                    # a file, a DICOM series folder, or a folder searched recursively
 out = "embeddings.h5"         # the output file; OUT.parts/ holds finished batches until it is written
-modality = "auto"             # 'auto' (a volume is CT, an image an X-ray; data.find_inputs) | '2d' | '3d'
+modality = "auto"             # 'auto' (a volume is CT, an image an X-ray; data.find_inputs) | '2d' or 'xray' | '3d' or 'ct'
 long_side_2d = 0              # preprocessing long side in pixels; 0 = as the encoder was trained (its data_dir's shards)
 long_side_3d = 0              # the same for CT voxels
 tokens = False                # also write per-token features (float16) and their grids
@@ -46,6 +46,8 @@ token_budget = 12000          # max tokens per packed batch: the memory bound (o
 num_workers = 2               # DataLoader processes reading and preprocessing files
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+MODALITIES = {"auto": None, "2d": "2d", "xray": "2d", "3d": "3d", "ct": "3d"}  # --modality: as data.py folder's too
 
 
 class _Files(torch.utils.data.Dataset):
@@ -107,8 +109,8 @@ def run(cfg: dict) -> dict:
     """Embed cfg['input'] into cfg['out']; returns the summary (counts, seconds)."""
     if not cfg["input"]:
         raise ValueError("--input=PATH is required: a file, a DICOM series folder or a folder of them")
-    if cfg["modality"] not in ("auto", "2d", "3d"):
-        raise ValueError(f"--modality={cfg['modality']!r}: expected 'auto', '2d' or '3d'")
+    if cfg["modality"] not in MODALITIES:
+        raise ValueError(f"--modality={cfg['modality']!r}: expected one of {', '.join(MODALITIES)}")
     dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = SparseMedicalViT.from_checkpoint(cfg["ckpt"]).to(dev)
     train_cfg = model.checkpoint["config"] or {}
@@ -116,7 +118,7 @@ def run(cfg: dict) -> dict:
     if not all(long_side.values()):  # as the encoder was trained: the long sides its shards were built at
         trained = data.trained_long_side(train_cfg.get("data_dir", ""))
         long_side = {m: v or trained[m] for m, v in long_side.items()}
-    inputs = data.find_inputs(cfg["input"], None if cfg["modality"] == "auto" else cfg["modality"])
+    inputs = data.find_inputs(cfg["input"], MODALITIES[cfg["modality"]])
     own = [os.path.abspath(cfg["out"] + ext) for ext in ("", ".tmp", ".parts")]  # an --out inside --input
     mine = lambda p: any(os.path.abspath(p) == o or os.path.abspath(p).startswith(o + os.sep) for o in own)
     if any(mine(p) for p, _ in inputs):

@@ -2667,7 +2667,7 @@ def test_embed_folder_of_good_bad_and_unreadable_files(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="delete it or choose another --out"):
         embed.run(embed_cfg(ckpt, tmp_path / "in", tmp_path / "emb.h5"))
     with pytest.raises(RuntimeError, match=r"all 7 inputs failed, nothing embedded \(first: .*xray: slice colour\.dcm: RGB"):
-        embed.run(embed_cfg(ckpt, xr, tmp_path / "none.h5", modality="3d"))  # radiographs read as CT (its DICOM
+        embed.run(embed_cfg(ckpt, xr, tmp_path / "none.h5", modality="ct"))  # radiographs read as CT (its DICOM
     assert len(read_h5(tmp_path / "none.h5")["failed/reason"]) == 7  # files one series): all refused, reasons kept
 
 
