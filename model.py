@@ -9,7 +9,7 @@ SparseMedicalViT: one vision transformer for 2D radiographs and 3D CT (paper sec
 "Sparse": a radiograph fills the plane z = 0 of the shared 3D coordinate space, a CT a volume.
 
 Usage: SparseMedicalViT(ModelConfig(**PRESETS['small']))([xray_224x196, ct_56x112x98])  -> (2, 384)
-       SparseMedicalViT.from_checkpoint("out/ckpt.pt")([data.preprocess_file("cxr.png")[0]])  -> (1, dim)
+       SparseMedicalViT.from_checkpoint("out/ckpt.pt")  -> a trained encoder, eval mode (README: "Embed your own images")
 """
 
 import os

@@ -98,7 +98,7 @@ def configure(defaults: dict, argv: list) -> dict:
             key, sep, val = arg[2:].partition("=")
             if not sep:
                 raise ValueError(f"override {arg!r}: expected --key=value")
-            try:
+            try:  # a str knob takes the text as given: probe.py's --knn=10,20 is not the tuple (10, 20)
                 val = literal_eval(val) if not isinstance(defaults.get(key), str) else val
             except (ValueError, SyntaxError):
                 val = val  # a bare string such as --out_dir=out2
