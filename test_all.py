@@ -49,6 +49,7 @@ import adapters as A
 import bench
 import readers as R
 import data
+import embed
 import lejepa
 import pack
 import phantom
@@ -2548,8 +2549,6 @@ def test_imports_go_one_way():
 
 # -----------------------------------------------------------------------------
 # using the encoder: embed.py, SparseMedicalViT.from_checkpoint, data.preprocess_file, kNN and few-shot probes
-
-import embed  # noqa: E402  (a script, imported here only: its module level defines things and runs nothing)
 
 
 def tiny_ckpt(path, data_dir="", seed=0, **kw):
