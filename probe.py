@@ -203,10 +203,10 @@ def few_shot_row(test_set, lp, encoder, k, y, draws, labels):
     with warnings.catch_warnings():  # a finding never drawn (too few of a class) stays NaN, reported as null
         warnings.simplefilter("ignore", RuntimeWarning)
         aucs = np.nanmean(per, 0)
+    sd = np.nanstd(macros) if np.isfinite(macros).any() else None
     return dict(test_set=test_set, lp_data=lp, protocol=f"{k}-shot", encoder=encoder,
                 auroc={l: _clean(a) for l, a in zip(labels, aucs)}, macro=_clean(_macro(macros)), ci_low=None,
-                ci_high=None, n_train=2 * k, n_test=int(len(y)), sd=_clean(np.nanstd(macros) if np.isfinite(macros).any() else None),
-                draws=[_clean(m) for m in macros])
+                ci_high=None, n_train=2 * k, n_test=int(len(y)), sd=_clean(sd), draws=[_clean(m) for m in macros])
 
 
 def format_table(rows, labels) -> str:
