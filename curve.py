@@ -24,6 +24,7 @@ def curve(run_dir: str, random_init: bool) -> dict:
     for i, path in enumerate(ckpts):
         cfg = {k: getattr(probe, k) for k in probe.config_keys}
         cfg.update(ckpt=path, lp_data="2d,3d", figures=False, pixel_floor=False, random_init=random_init and i == 0,
+                   knn="", shots="",  # the linear probe's rows only
                    out_dir=os.path.join(run_dir, "curve", os.path.basename(path)[:-3]))
         probe.main(cfg)
         for r in json.load(open(os.path.join(cfg["out_dir"], "probe.json"))):

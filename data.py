@@ -7,6 +7,7 @@ shards -> the mixed 2D/3D stream of cropped, packed steps. Formats, measurements
     ShardDataset(path_or_glob, split, modality)             lazy reader, item = dict(image, labels, ...)
     make_loader(ds2d, ds3d, b2d, b3d, ...)   the stream: workers read, crop, cut micro-batches, pack each step
     iterate_whole(ds, token_budget)          one pass over a split, whole images, packed, for the linear probe
+    preprocess_file(path)                    one file -> the exact array the encoder trained on (embed.py)
 
 Usage: python data.py <name> --root R --out O [--workers N] [--max_voxels N] [--file_timeout S]
        python data.py phantom --out data/phantom
@@ -51,6 +52,7 @@ SHARD_SIZE = {'2d': 1024, '3d': 64}  # samples per shard: ~50 MB of 2D, ~60 MB o
 CT_WINDOW = (2500.0, 250.0)          # (width, level) in HU, paper 2.4: [-1000, 1500] -> [-1, 1]
 SPLITS = ('train', 'val', 'test')
 STR_KEYS = ('id', 'patient_id', 'study_id', 'modality', 'split')  # the str columns of a shard, per sample
+PREPROCESS_VERSION = 1  # bump when readers.py or preprocess_* change what a file becomes (embed.py records it)
 COMPRESSION = None     # or 'lzf' (built into h5py): 3D shards ~30% smaller, 3D reads ~1-5 ms slower (DATA.md)
 FILE_TIMEOUT = 600     # seconds one record may take to load and preprocess (a 512^2 x 1200 CT: ~1 min); then refused
 
@@ -231,6 +233,22 @@ def check_complete(path_or_glob):
                                  f"(finished shards are kept)")
 
 
+def _preprocess_raw(raw, mod, long_side=None, spacing_2d=None):
+    """A loader's raw image (2D (H, W), 3D (hu, spacing_zyx)) -> (int8 (1, ...) as stored, spacing mm (z, y, x)).
+    long_side: None (the paper's), an int or {'2d': n, '3d': m}; spacing_2d: (row, col) mm if the source says."""
+    ls = long_side[mod] if isinstance(long_side, dict) else (long_side or LONG_SIDE[mod])
+    if mod == '2d':
+        raw = np.asarray(raw)
+        img = preprocess_xray(raw, ls)
+        sp_in = np.asarray(spacing_2d if spacing_2d is not None else (np.nan,) * 2, np.float64)[-2:]
+        spacing = (np.nan, *(sp_in * np.array(raw.shape) / img.shape[1:]))
+    else:
+        hu, sp_in = raw
+        img = preprocess_ct(hu, sp_in, ls)
+        spacing = tuple(np.asarray(sp_in, np.float64) * np.shape(hu) / img.shape[1:])
+    return _quantise(img), spacing
+
+
 class _FileTimeout(BaseException):
     """Raised by the per-file alarm; a BaseException, so a reader's `except Exception` cannot mistake it for corruption."""
 
@@ -276,20 +294,8 @@ def _prepare(load_fn, long_side, max_voxels, rec):
         labels = np.asarray(labels, np.float32)
         if labels.shape != (len(LABELS),):
             raise BadInput(f"labels have shape {labels.shape}, expected ({len(LABELS)},) in order {LABELS}")
-        mod = rec['modality']
-        ls = long_side[mod] if isinstance(long_side, dict) else (long_side or LONG_SIDE[mod])
-        raw = load_fn(rec)
-        if mod == '2d':
-            raw = np.asarray(raw)
-            img = preprocess_xray(raw, ls)
-            sp_in = np.asarray(rec.get('spacing') if rec.get('spacing') is not None else (np.nan,) * 2,
-                               np.float64)[-2:]  # (row, col) mm if the source says
-            spacing = (np.nan, *(sp_in * np.array(raw.shape) / img.shape[1:]))
-        else:
-            hu, sp_in = raw
-            img = preprocess_ct(hu, sp_in, ls)
-            spacing = tuple(np.asarray(sp_in, np.float64) * np.shape(hu) / img.shape[1:])
-        return dict({k: rec[k] for k in STR_KEYS}, image=_quantise(img), labels=labels, spacing=spacing), None
+        q, spacing = _preprocess_raw(load_fn(rec), rec['modality'], long_side, rec.get('spacing'))
+        return dict({k: rec[k] for k in STR_KEYS}, image=q, labels=labels, spacing=spacing), None
     except BadInput as e:
         return None, str(e)
     except Exception as e:  # a decoder's own error on a corrupt file; counted, never silent
@@ -663,13 +669,19 @@ def pad_to_patches(x: np.ndarray, patch: int = PATCH) -> np.ndarray:
                   constant_values=-Q if x.dtype == np.int8 else -1.0)
 
 
+def pack_whole(images: list, patch: int = PATCH, alpha: float = 128.0) -> dict:
+    """Stored int8 images, whole, padded to whole patches and packed, with the identity augmentation: the input of
+    probe.features (the probe and embed.py). In shared memory inside a DataLoader worker."""
+    share = torch.utils.data.get_worker_info() is not None
+    return {'packed': pack_arrays([pad_to_patches(q, patch) for q in images], patch, alpha, share),
+            'aug': torch.tensor([[1.0, 0.0, 0.0, 0.0]] * len(images), dtype=torch.float64)}  # (c, b, sd, row): none
+
+
 def _whole_batch(ds, patch, alpha, idx) -> dict:
     """Samples idx of ds, whole and packed (int8 patches), in the DataLoader worker: see iterate_whole."""
-    share = torch.utils.data.get_worker_info() is not None
-    return {'packed': pack_arrays([pad_to_patches(ds.read(i), patch) for i in idx], patch, alpha, share),
-            'aug': torch.tensor([[1.0, 0.0, 0.0, 0.0]] * len(idx), dtype=torch.float64),
-            'labels': torch.from_numpy(ds.labels[idx]), 'modality': [str(ds.modality[i]) for i in idx],
-            'id': [str(ds.id[i]) for i in idx], 'patient_id': [str(ds.patient_id[i]) for i in idx]}
+    return dict(pack_whole([ds.read(i) for i in idx], patch, alpha), labels=torch.from_numpy(ds.labels[idx]),
+                modality=[str(ds.modality[i]) for i in idx], id=[str(ds.id[i]) for i in idx],
+                patient_id=[str(ds.patient_id[i]) for i in idx])
 
 
 def iterate_whole(ds: 'ShardDataset', token_budget: int, rank: int = 0, world_size: int = 1, workers: int = 0,
@@ -686,6 +698,86 @@ def iterate_whole(ds: 'ShardDataset', token_budget: int, rank: int = 0, world_si
         toks += n
     return torch.utils.data.DataLoader(groups, batch_size=None, collate_fn=partial(_whole_batch, ds, patch, alpha),
                                        num_workers=workers, pin_memory=pin_memory)
+
+
+# ----------------------------------------------------------------------------- one file, as in training (embed.py)
+
+def _is_slice(path) -> bool:
+    """A DICOM file with a cross-sectional position (ImagePositionPatient): a CT slice, not a radiograph."""
+    try:
+        return 'ImagePositionPatient' in readers._need('pydicom').dcmread(path, stop_before_pixels=True)
+    except ImportError:
+        raise
+    except Exception:  # unreadable header: left to the loader, which names the reason
+        return False
+
+
+def find_inputs(path, modality=None) -> list:
+    """[(file or DICOM series folder, '2d' | '3d' | None (unknown type))] under path, sorted, as `python data.py folder`
+    reads them. modality None decides from the data: pictures and lone DICOM images are radiographs; NIfTI, npz and
+    a folder holding DICOM slices (ImagePositionPatient) are CT. '2d' / '3d' force it (a DICOM folder is a series)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--input {path}: no such file or folder")
+    if not os.path.isdir(path):
+        return [(path, modality or _kind_modality(path))]
+    out = []
+    for d, dirs, files in os.walk(path):
+        dirs.sort()
+        files = [os.path.join(d, f) for f in sorted(files)]
+        dicom = [f for f in files if readers.file_kind(f) == 'dicom']
+        series = modality == '3d' and dicom or modality is None and any(_is_slice(f) for f in dicom)
+        if series:  # the folder is one volume (readers.load_ct reads its DICOM files)
+            out.append((d, '3d'))
+        out += [(f, modality or _kind_modality(f)) for f in files if not (series and f in dicom)]
+    return sorted(out)
+
+
+def _kind_modality(path):
+    kind = 'npz' if path.lower().endswith('.npz') else readers.file_kind(path)
+    return {'picture': '2d', 'dicom': '2d', 'nifti': '3d', 'npz': '3d', 'series': '3d'}.get(kind)
+
+
+def load_file(path, modality, long_side=None):
+    """(int8 (1, ...) as a shard stores it, spacing_zyx mm) of one input of find_inputs, or BadInput(reason)."""
+    if modality not in ('2d', '3d'):
+        raise BadInput(f"unknown file type ({os.path.basename(path)}): expected .png, .jpg, .jpeg, DICOM, .nii, "
+                       ".nii.gz, .npz (RAD-ChestCT's layout) or a folder of DICOM slices")
+    rec = {'path': path}
+    raw = (readers.load_xray(rec) if modality == '2d' else
+           readers.load_radchest(rec) if path.lower().endswith('.npz') else readers.load_ct(rec))
+    return _preprocess_raw(raw, modality, long_side)
+
+
+def preprocess_file(path, modality=None, long_side=None) -> dict:
+    """One file (or DICOM series folder) -> dict(image, modality, spacing): image is float32 (1, H, W) or
+    (1, Z, H, W) in [-1, 1], exactly what the encoder trained on (readers.py, preprocess_xray / preprocess_ct and
+    the int8 step of the shards); long_side as the encoder was trained: trained_long_side(its data_dir)."""
+    items = find_inputs(path, modality)
+    if len(items) != 1:
+        raise ValueError(f"{path}: holds {len(items)} inputs; preprocess_file takes one file or one DICOM series "
+                         f"folder (embed.py takes whole folders)")
+    q, spacing = load_file(*items[0], long_side)
+    return dict(image=(q / np.float32(Q)).astype(np.float32, copy=False), modality=items[0][1], spacing=spacing)
+
+
+def trained_long_side(data_dir) -> dict:
+    """{'2d': n, '3d': m}: the long sides of the shards in data_dir (their `long_side` attribute), the paper's
+    LONG_SIDE for a modality they do not hold; ValueError if a modality was built at several."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"{data_dir}: the encoder's training data is not here, so its long sides are unknown; "
+                                f"pass them (embed.py: --long_side_2d=N --long_side_3d=M, as it was trained)")
+    seen = {'2d': set(), '3d': set()}
+    for path in _find_shards(data_dir):
+        mod = os.path.basename(path)[:-3].rsplit('_', 2)[-2]
+        with _open_shard(path) as h:
+            ls = json.loads(h.attrs.get('long_side', 'null'))
+        if mod in seen:
+            seen[mod].add(ls[mod] if isinstance(ls, dict) else ls or LONG_SIDE[mod])
+    for mod, v in seen.items():
+        if len(v) > 1:
+            raise ValueError(f"{data_dir}: {mod} shards were built at several long sides {sorted(v)}; pass the one "
+                             f"this encoder trained on (embed.py: --long_side_{mod}=N)")
+    return {mod: v.pop() if v else LONG_SIDE[mod] for mod, v in seen.items()}
 
 
 # ----------------------------------------------------------------------------- the phantom world (phantom.py)

@@ -9,9 +9,12 @@ SparseMedicalViT: one vision transformer for 2D radiographs and 3D CT (paper sec
 "Sparse": a radiograph fills the plane z = 0 of the shared 3D coordinate space, a CT a volume.
 
 Usage: SparseMedicalViT(ModelConfig(**PRESETS['small']))([xray_224x196, ct_56x112x98])  -> (2, 384)
+       SparseMedicalViT.from_checkpoint("out/ckpt.pt")  -> a trained encoder, eval mode (README: "Embed your own images")
 """
 
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +38,8 @@ class ModelConfig:
     scale_2d: float = 1.0       # 2D patches enter the projection times this (1: the paper's literal zero-padding;
                                 # sqrt(P) puts 2D tokens on the 3D tokens' scale, see PatchEmbed)
 
+
+RANGE_TOL = 1e-3  # inputs may exceed [-1, 1] by this before check_range warns (float rounding of q / 127)
 
 PRESETS = {  # head dims and RoPE pairs per axis: DESIGN.md, "The model"
     "tiny": dict(dim=192, depth=4, heads=4),    # tests and CPU runs
@@ -140,6 +145,8 @@ class SparseMedicalViT(nn.Module):
     def forward_tokens(self, views_or_packed):
         """Per-token features (S, dim) after the final norm, and the Packed (its grids map them back to views)."""
         packed = views_or_packed if isinstance(views_or_packed, Packed) else self.pack(views_or_packed)
+        if not self.training:  # inference on someone's images: the range guard (check_range)
+            self.check_range(packed)
         x = self.patch_embed(packed)  # (S, D)
         rope = rope_cos_sin(packed.coords, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)  # once per forward
         amp = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
@@ -156,9 +163,53 @@ class SparseMedicalViT(nn.Module):
         # the mean of the view's tokens: a CLS token has no place in the 3D RoPE grid (DESIGN.md, pooling)
         return pool_views(*self.forward_tokens(views_or_packed))
 
+    @classmethod
+    def from_checkpoint(cls, path: str) -> "SparseMedicalViT":
+        """The encoder of a train.py checkpoint, in eval mode, with the checkpoint's own ModelConfig; its step,
+        run config and run info (git hash) in .checkpoint. weights_only=True: a checkpoint that would run code
+        when unpickled is refused (pickle.UnpicklingError) before anything is built."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint {path} not found: train one (python train.py) or pass its path")
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ck, dict) or "model" not in ck or "model_cfg" not in ck:
+            raise ValueError(f"checkpoint {path}: no 'model' and 'model_cfg' entries; it is not a train.py checkpoint")
+        model = cls(ModelConfig(**ck["model_cfg"]))  # an unknown field: TypeError naming it
+        load_weights(model, ck["model"], path, "model")
+        model.checkpoint = {k: ck.get(k) for k in ("step", "config", "run")}
+        return model.eval()
+
+    def check_range(self, packed: Packed):
+        """Warn once if an input lies outside [-1, 1], the range every training image was mapped to (data.py):
+        0-255 pixels or raw HU give features from outside the training distribution, silently. Not called in
+        training (views are clipped to [-1, 1] there, and the check syncs the host with the device)."""
+        if getattr(self, "_range_warned", False):
+            return
+        lo_hi = [torch.aminmax(p) for p in (packed.patches2d, packed.patches3d) if p.numel()]
+        lo, hi = min(float(a) for a, _ in lo_hi), max(float(b) for _, b in lo_hi)
+        if lo < -1.0 - RANGE_TOL or hi > 1.0 + RANGE_TOL:
+            self._range_warned = True
+            warnings.warn(f"SparseMedicalViT: input values span [{lo:g}, {hi:g}], outside the [-1, 1] it was trained "
+                          f"on; preprocess images with data.preprocess_file (or data.preprocess_xray / preprocess_ct)",
+                          stacklevel=3)
+
     def describe(self, device, dtype) -> str:
         path = attention_path(torch.device(device), dtype)
         slow = torch.device(device).type == "cuda" and path.startswith("exact")
         return (f"SparseMedicalViT {self.cfg} | {sum(p.numel() for p in self.parameters()) / 1e6:.2f}M params | "
                 f"attention path: {path}" + (" | warning: slow on a GPU; pip install flash-attn (bf16), or use "
                                              "torch>=2.10 for its varlen_attn" if slow else ""))
+
+
+def load_weights(module: nn.Module, state: dict, path: str, what: str):
+    """load_state_dict with a message that lists mismatched keys and shapes."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint {path} ({what}) does not fit this model config:\n"
+                         + "".join(f"  missing: {k}\n" for k in missing[:20])
+                         + "".join(f"  unexpected: {k}\n" for k in unexpected[:20])
+                         + "".join(f"  shape: {s}\n" for s in shapes[:20])
+                         + "use the same --preset/--proj_dim/--proj_hidden as the run that wrote it")
+    module.load_state_dict(state)

@@ -9,6 +9,8 @@ real-data path into shards (python data.py phantom --out data/phantom; the scrip
         2d: drr(volume(rng, findings, DRR))  -> a radiograph projected through ANOTHER phantom patient
 """
 
+import os
+
 import numpy as np
 from scipy import ndimage  # scipy comes with scikit-learn
 
@@ -93,6 +95,35 @@ def load(record):
         return volume(rng, record['findings'])
     p = record['spacing'][0]
     return expose(rng, drr(*volume(rng, record['findings'], spacing_zyx=(p, SPACING_DRR_Y, p))))
+
+
+def write_files(folder, n2d=20, n3d=20, seed=0) -> list:
+    """The first n2d radiographs as 16-bit PNG and n3d CT volumes as NIfTI (int16 HU, an affine in canonical
+    orientation) of the world `seed` under folder/xray and folder/ct, as a user's folder would hold them: embed.py's
+    benchmark and tests. Returns the records, each with the 'path' it was written to. Needs pillow and nibabel."""
+    from PIL import Image
+    import nibabel as nib
+    recs = records(seed, (n2d, 0, 0), (n3d, 0, 0))
+    for sub in ('xray', 'ct'):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    for r in recs:
+        raw = load(r)
+        if r['modality'] == '2d':  # any gain and offset: preprocessing min-max normalises them away
+            r['path'] = os.path.join(folder, 'xray', f"{r['id']}.png")
+            u16 = np.rint((raw - raw.min()) / (raw.max() - raw.min()) * 65535).astype(np.uint16)
+            Image.fromarray(u16).save(r['path'])
+        else:  # array axes (Z, H, W) = (S, P, L): RAS columns +z, -y, -x times the spacing
+            hu, (sz, sy, sx) = raw
+            r['path'] = os.path.join(folder, 'ct', f"{r['id']}.nii.gz")
+            nib.save(nib.Nifti1Image(np.rint(hu).astype(np.int16), _affine_spl(sz, sy, sx)), r['path'])
+    return recs
+
+
+def _affine_spl(sz, sy, sx):
+    """NIfTI affine of an array whose axes run superior, posterior, left (canonical) with these spacings (mm)."""
+    a = np.zeros((4, 4))
+    a[2, 0], a[1, 1], a[0, 2], a[3, 3] = sz, -sy, -sx, 1.0  # axis 0 -> +S, 1 -> -A (P), 2 -> -R (L)
+    return a
 
 
 # ----------------------------------------------------------------------------- the generator

@@ -1,6 +1,8 @@
 """
 Frozen-feature evaluation (paper section 3, Tables 1-3, Figure 2): linear probes, AUROC with patient-
 bootstrap confidence intervals, the tables and the PCA figures; the protocol: DESIGN.md, "Evaluation".
+Beside each linear probe, on the same cached features: kNN (DINOv2's eval/knn.py: cosine similarity,
+temperature-weighted votes) and few-shot linear probes (k labelled samples per class and finding, several draws).
 Test sets: each (shard prefix, modality) with a test split in data_dir (internal) and external_dir.
 
     python probe.py --ckpt=out/ckpt.pt                      # phantom world (train.py's default data)
@@ -13,6 +15,7 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import asdict
 
 import h5py
 import numpy as np
@@ -27,7 +30,8 @@ import adapters
 import data
 import views
 from model import ModelConfig, SparseMedicalViT
-from train import CHOICES, check_choices, configure, load_weights
+from pack import pool_views
+from train import CHOICES, check_choices, configure
 
 # -----------------------------------------------------------------------------
 # encoders and data
@@ -42,7 +46,12 @@ lp_data = "2d,3d,all"         # LP training data, comma-separated: 2d | 3d | all
 Cs = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried per finding; best validation AUROC wins
 max_iter = 1000               # lbfgs iterations per logistic regression
 n_boot = 1000                 # bootstrap resamples of test patients for the 95% CI
-seed = 0                      # bootstrap seed (the same resamples for every encoder: paired comparison)
+seed = 0                      # bootstrap and few-shot seed (the same resamples and draws for every encoder: paired)
+knn = "10,20"                 # kNN neighbour counts k, comma-separated ("" = no kNN rows); DINOv2 uses 10, 20
+knn_T = 0.07                  # kNN temperature: a neighbour votes with weight softmax(cosine / T) (DINOv2)
+shots = "1,10,100"            # few-shot probes: k positives + k negatives per finding, comma-separated ("" = none)
+shot_draws = 5                # independent draws of the k-shot training samples per k (mean and sd reported)
+shot_C = 1.0                  # few-shot inverse L2 strength, fixed: k-shot learning has no labelled val set to choose it
 # system
 out_dir = ""                  # probe.json and figures; "" = <checkpoint folder>/probe
 device = "auto"               # 'auto' | 'cpu' | 'cuda'
@@ -128,33 +137,108 @@ def predict(probe, x):
     return np.stack([c.decision_function(z) if c is not None else np.full(len(x), np.nan) for c in clfs], 1)
 
 
-def score_row(test_set, lp, encoder, y, s, patients, n_train, labels, n_boot, seed):
+def _clean(v):
+    return None if v is None or not np.isfinite(v) else round(float(v), 4)  # JSON: NaN -> null
+
+
+def _macro(aucs):
+    return np.nanmean(aucs) if np.isfinite(aucs).any() else np.nan
+
+
+# ----------------------------------------------------------------------------- kNN and few-shot
+
+def knn_scores(xtr, ytr, xte, k, T=knn_T, chunk=512) -> np.ndarray:
+    """(N_test, K) scores as DINOv2's eval/knn.py: per finding, the k train samples labelled for it that are most
+    cosine-similar vote with weights softmax(similarity / T); the score is the weighted share of positives."""
+    a = F.normalize(torch.from_numpy(np.asarray(xtr, np.float32)), dim=1)  # (N_train, dim)
+    b = F.normalize(torch.from_numpy(np.asarray(xte, np.float32)), dim=1)
+    out = np.full((len(b), ytr.shape[1]), np.nan)
+    for j in range(ytr.shape[1]):
+        lab = torch.from_numpy(~np.isnan(ytr[:, j]))
+        if not lab.any():
+            continue
+        yj = torch.from_numpy(ytr[:, j])[lab].double()
+        for i in range(0, len(b), chunk):  # (chunk, N_train) similarities at a time: memory bounded
+            top, idx = (b[i:i + chunk] @ a[lab].T).topk(min(k, int(lab.sum())), dim=1)
+            w = torch.exp((top.double() - top[:, :1].double()) / T)  # softmax(top / T) unnormalised, max weight 1
+            # a ratio of two sums: k agreeing neighbours give exactly 0 or 1, so those samples tie (as they should)
+            out[i:i + chunk, j] = ((w * yj[idx]).sum(1) / w.sum(1)).numpy()
+    return out
+
+
+def few_shot_picks(y, k, rng) -> list:
+    """Per finding, k positives then k negatives drawn without replacement among the samples labelled for it, or
+    None where it has fewer than k of a class. The same rng state gives the same draws (paired across encoders)."""
+    picks = []
+    for j in range(y.shape[1]):
+        pos, neg = np.flatnonzero(y[:, j] == 1), np.flatnonzero(y[:, j] == 0)
+        picks.append(None if min(len(pos), len(neg)) < k else
+                     np.concatenate([rng.choice(pos, k, replace=False), rng.choice(neg, k, replace=False)]))
+    return picks
+
+
+def fit_few_shot(xtr, ytr, picks, scaler, C=shot_C, max_iter=max_iter):
+    """(scaler, [classifier or None per finding]) as fit_probe, for predict(): one logistic regression per finding on
+    its picked samples. The scaler is fit on ALL train features (labels unused): 2 samples cannot estimate a scale."""
+    ztr = scaler.transform(xtr)
+    with threadpool_limits(1):  # as fit_probe: one BLAS thread is faster on these small problems
+        return scaler, [None if idx is None else LogisticRegression(C=C, max_iter=max_iter).fit(ztr[idx], ytr[idx, j])
+                        for j, idx in enumerate(picks)]
+
+
+def score_row(test_set, lp, encoder, y, s, patients, n_train, labels, n_boot, seed, protocol="linear"):
     """One result row: per-finding AUROC, macro (mean over findings with both classes) and its CI."""
-    clean = lambda v: None if v is None or not np.isfinite(v) else round(float(v), 4)  # JSON: NaN -> null
     aucs = [auroc(y[:, k], s[:, k]) for k in range(y.shape[1])]
     lo, hi = bootstrap_ci(y, s, patients, n_boot, seed)
-    return dict(test_set=test_set, lp_data=lp, encoder=encoder, auroc={l: clean(a) for l, a in zip(labels, aucs)},
-                macro=clean(np.nanmean(aucs) if np.isfinite(aucs).any() else None), ci_low=clean(lo),
-                ci_high=clean(hi), n_train=int(n_train), n_test=int(len(y)))
+    return dict(test_set=test_set, lp_data=lp, protocol=protocol, encoder=encoder,
+                auroc={l: _clean(a) for l, a in zip(labels, aucs)}, macro=_clean(_macro(aucs)), ci_low=_clean(lo),
+                ci_high=_clean(hi), n_train=int(n_train), n_test=int(len(y)))
+
+
+def few_shot_row(test_set, lp, encoder, k, y, draws, labels):
+    """A k-shot row: per-finding AUROC and macro, each the mean over the draws' scores (D of (N, K)); the spread is
+    the sd of the draws' macros (ci_low / ci_high null: the draw, not the test sample, dominates at small k)."""
+    per = np.array([[auroc(y[:, j], s[:, j]) for j in range(y.shape[1])] for s in draws])  # (D, K)
+    macros = np.array([_macro(a) for a in per])
+    with warnings.catch_warnings():  # a finding never drawn (too few of a class) stays NaN, reported as null
+        warnings.simplefilter("ignore", RuntimeWarning)
+        aucs = np.nanmean(per, 0)
+    sd = np.nanstd(macros) if np.isfinite(macros).any() else None
+    return dict(test_set=test_set, lp_data=lp, protocol=f"{k}-shot", encoder=encoder,
+                auroc={l: _clean(a) for l, a in zip(labels, aucs)}, macro=_clean(_macro(macros)), ci_low=None,
+                ci_high=None, n_train=2 * k, n_test=int(len(y)), sd=_clean(sd), draws=[_clean(m) for m in macros])
 
 
 def format_table(rows, labels) -> str:
     """The layout of Tables 1 and 3: one block per test set, rows LP data x encoder."""
     f = lambda v: "  -  " if v is None else f"{v:.3f}"
-    head = f"  {'encoder':<18}{'LP data':<10}{'n_train':>8}  " + "".join(f"{l:>7}" for l in labels) + "   Macro (95% CI)"
+    head = (f"  {'encoder':<18}{'LP data':<10}{'protocol':<10}{'n_train':>8}  " + "".join(f"{l:>7}" for l in labels)
+            + "   Macro (95% CI; few-shot: sd over draws)")
     out = []
     for t in dict.fromkeys(r["test_set"] for r in rows):
         block = [r for r in rows if r["test_set"] == t]
         out += [f"{t} (n={block[0]['n_test']})", head]
         for r in block:
-            out.append(f"  {r['encoder']:<18}{r['lp_data'].upper():<10}{r['n_train']:>8}  "
-                       + "".join(f"{f(r['auroc'][l]):>7}" for l in labels)
-                       + f"   {f(r['macro'])} ({f(r['ci_low'])}-{f(r['ci_high'])})")
+            spread = (f" +- {f(r['sd'])} ({len(r['draws'])} draws)" if "sd" in r else
+                      f" ({f(r['ci_low'])}-{f(r['ci_high'])})")
+            out.append(f"  {r['encoder']:<18}{r['lp_data'].upper():<10}{r['protocol']:<10}{r['n_train']:>8}  "
+                       + "".join(f"{f(r['auroc'][l]):>7}" for l in labels) + f"   {f(r['macro'])}{spread}")
         out.append("")
     return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- features
+
+@torch.no_grad()
+def features(model, batch, device, tokens=False):
+    """Embeddings (b, dim) float32 of a data.pack_whole batch, and its per-token features (S, dim) if tokens: the
+    frozen encoder on whole images, q / 127 exactly (identity augmentation), bf16 on CUDA, exact fp32 elsewhere."""
+    packed = views.augment(batch["packed"].to(device, non_blocking=True), batch["aug"])
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        t, packed = model.forward_tokens(packed)  # as model(packed), with the tokens kept
+        x = pool_views(t, packed)
+    return x.float().cpu().numpy(), t.float().cpu().numpy() if tokens else None
+
 
 @torch.no_grad()
 def embed(model, ds, device, token_budget=token_budget, workers=num_workers, desc="embed") -> dict:
@@ -165,9 +249,7 @@ def embed(model, ds, device, token_budget=token_budget, workers=num_workers, des
                                 pin_memory=device.type == "cuda")
     with data.progress(total=len(ds), desc=desc, leave=False) as bar:
         for b in loader:
-            packed = views.augment(b["packed"].to(device, non_blocking=True), b["aug"])  # identity: q / 127
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):  # else exact fp32
-                out["x"].append(model(packed).float().cpu().numpy())  # (b, dim)
+            out["x"].append(features(model, b, device)[0])  # (b, dim)
             out["y"].append(b["labels"].numpy())
             out["patient"] += b["patient_id"]
             out["id"] += b["id"]
@@ -282,11 +364,8 @@ def concat(feats: list) -> dict:
 def load_encoders(cfg):
     """[(name, model, cache file, cache group, tag (path, step, mtime))] of each encoder, and the checkpoint."""
     def entry(path):  # a train.py checkpoint's encoder weights
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint {path} not found: train one (python train.py) or pass --ckpt=PATH")
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        model = SparseMedicalViT(ModelConfig(**ck["model_cfg"]))
-        load_weights(model, ck["model"], path, "model")
+        model = SparseMedicalViT.from_checkpoint(path)
+        ck = dict(model.checkpoint, model_cfg=asdict(model.cfg))
         tag = f"{os.path.abspath(path)}|step {ck['step']}|mtime {os.stat(path).st_mtime_ns}"
         # .hdf5, not .h5: a checkpoint kept in a shard folder must not make the cache look like a shard
         cache = os.path.join(os.path.dirname(os.path.abspath(path)), "features.hdf5")
@@ -308,6 +387,7 @@ def main(cfg: dict):
     lps = [lp.strip() for lp in cfg["lp_data"].split(",") if lp.strip()]
     if not lps or set(lps) - set(LP_DATA):
         raise ValueError(f"--lp_data={cfg['lp_data']!r}: expected a comma-separated subset of {', '.join(LP_DATA)}")
+    knn_ks, shot_ks = (counts(cfg, key) for key in ("knn", "shots"))
     dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     encoders, ck = load_encoders(cfg)
     data_dir = cfg["data_dir"] or ck["config"]["data_dir"]
@@ -354,15 +434,32 @@ def main(cfg: dict):
                 val = np.isin(tr["patient"], np.random.default_rng(cfg["seed"]).choice(pats, max(1, len(pats) // 10), replace=False))
                 tr, va = {k: v[~val] for k, v in tr.items()}, {k: v[val] for k, v in tr.items()}
             p = fit_probe(tr["x"], tr["y"], va["x"], va["y"], cfg["Cs"], cfg["max_iter"])
+            scaler = StandardScaler().fit(tr["x"])  # few-shot: standardised on all train features, labels unused
+            picks = {k: [few_shot_picks(tr["y"], k, np.random.default_rng((cfg["seed"], k, d)))
+                         for d in range(cfg["shot_draws"])] for k in shot_ks}  # the same draws for every encoder
+            shot_probes = {k: [fit_few_shot(tr["x"], tr["y"], pk, scaler, cfg["shot_C"], cfg["max_iter"]) for pk in
+                               picks[k]] for k in shot_ks}
+            for k in shot_ks:
+                short = [l for l, pk in zip(labels, picks[k][0]) if pk is None]
+                if short and e is encoders[0]:
+                    print(f"{k}-shot, LP data {lp}: fewer than {k} positives or negatives of {', '.join(short)} in "
+                          f"{len(tr['y'])} train samples: left blank (null)")
             for t in tsets:
                 te = get(e, t, "test")
-                rows.append(score_row(t, lp, e[0], te["y"], predict(p, te["x"]), te["patient"], len(tr["x"]),
-                                      labels, cfg["n_boot"], cfg["seed"]))
+                args = (te["patient"], len(tr["x"]), labels, cfg["n_boot"], cfg["seed"])
+                rows.append(score_row(t, lp, e[0], te["y"], predict(p, te["x"]), *args))
+                rows += [score_row(t, lp, e[0], te["y"], knn_scores(tr["x"], tr["y"], te["x"], k, cfg["knn_T"]), *args,
+                                   protocol=f"knn-{k}") for k in knn_ks]
+                rows += [few_shot_row(t, lp, e[0], k, te["y"], [predict(sp, te["x"]) for sp in shot_probes[k]], labels)
+                         for k in shot_ks]
     if cfg["pixel_floor"] and any(s["prefix"] == "phantom" and not s["external"] for s in sets.values()):
         rows += floor_rows(data_dir, labels, cfg["n_boot"], cfg["seed"])
 
-    rank = {k: i for i, k in enumerate(list(sets) + lps + ["adapt", "raw-pixels"] + [e[0] for e in encoders])}
-    rows.sort(key=lambda r: (rank[r["test_set"]], rank.get(r["lp_data"], -1), rank.get(r["encoder"], -1)))
+    order = (list(sets) + lps + ["adapt", "raw-pixels", "linear"] + [f"knn-{k}" for k in knn_ks]
+             + [f"{k}-shot" for k in shot_ks] + [e[0] for e in encoders])
+    rank = {k: i for i, k in enumerate(order)}
+    rows.sort(key=lambda r: (rank[r["test_set"]], rank.get(r["lp_data"], -1), rank[r["protocol"]],
+                             rank.get(r["encoder"], -1)))
     table = format_table(rows, labels)
     with open(os.path.join(out_dir, "probe.json"), "w") as f, open(os.path.join(out_dir, "table.txt"), "w") as t:
         json.dump(rows, f, indent=1)
@@ -370,6 +467,17 @@ def main(cfg: dict):
     print(f"{table}\nwrote {out_dir}/probe.json and table.txt")
     if cfg["figures"]:
         write_figures(encoders, lambda n, sp: get(encoders[0], n, sp), sets, labels, out_dir)
+
+
+def counts(cfg, key) -> list:
+    """--knn / --shots: a comma-separated list of positive ints, "" for none."""
+    try:
+        ks = [int(v) for v in str(cfg[key]).split(",") if v.strip()]
+    except ValueError:
+        ks = [0]
+    if any(k < 1 for k in ks):
+        raise ValueError(f"--{key}={cfg[key]!r}: expected comma-separated positive integers such as \"10,20\", or \"\"")
+    return ks
 
 
 def write_figures(encoders, get, sets, labels, out_dir):

@@ -16,12 +16,14 @@ import json
 import math
 import os
 import pickle
+import re
 import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import asdict
 
@@ -48,6 +50,7 @@ import adapters as A
 import bench
 import readers as R
 import data
+import embed
 import lejepa
 import pack
 import phantom
@@ -1926,17 +1929,18 @@ def test_end_to_end_table_and_json(tmp_path, capsys, monkeypatch):
     ckpt = tiny_world(tmp_path)
     monkeypatch.setattr(probe, "FLOOR_C", (1.0,))  # one C: the C search is fit_probe's, tested above
     cfg = {k: getattr(probe, k) for k in probe.config_keys}
-    cfg.update(ckpt=str(ckpt), out_dir=str(tmp_path / "probe"), num_workers=0, n_boot=20, Cs=(1.0,), figures=True)
+    cfg.update(ckpt=str(ckpt), out_dir=str(tmp_path / "probe"), num_workers=0, n_boot=20, Cs=(1.0,), figures=True,
+               knn="", shots="")  # the linear probe alone; kNN and few-shot: test_knn_and_few_shot_rows_end_to_end
     probe.main(cfg)
     out = capsys.readouterr().out
     rows = json.load(open(tmp_path / "probe" / "probe.json"))
-    fields = {"test_set", "lp_data", "encoder", "auroc", "macro", "ci_low", "ci_high", "n_train", "n_test"}
+    fields = {"test_set", "lp_data", "protocol", "encoder", "auroc", "macro", "ci_low", "ci_high", "n_train", "n_test"}
     assert all(set(r) == fields for r in rows)
     got = {(r["test_set"], r["lp_data"], r["encoder"]) for r in rows}
     assert got == {(t, lp, e) for t in ("phantom-2d", "phantom-3d") for lp in ("2d", "3d", "all")
                    for e in ("lejepa-7", "random-init")} | {("phantom-2d", "2d", "raw-pixels"), ("phantom-3d", "3d", "raw-pixels")}
     for r in rows:
-        assert r["n_test"] == 12 and r["n_train"] == {"2d": 16, "3d": 16, "all": 32}[r["lp_data"]]
+        assert r["protocol"] == "linear" and r["n_test"] == 12 and r["n_train"] == {"2d": 16, "3d": 16, "all": 32}[r["lp_data"]]
         assert set(r["auroc"]) == {"ATEL", "CARD", "CONS", "LO", "EFF"}
         assert r["ci_low"] <= r["macro"] <= r["ci_high"]
         assert r["macro"] == pytest.approx(np.mean(list(r["auroc"].values())), abs=1e-3)
@@ -1989,7 +1993,8 @@ def learning_gain(tmp_path, **train_kw):
     cfg.update(train_kw)
     train.main(cfg)
     pc = {k: getattr(probe, k) for k in probe.config_keys}
-    pc.update(ckpt=str(out / "ckpt.pt"), lp_data="3d", n_boot=200, figures=False, pixel_floor=False, num_workers=0)
+    pc.update(ckpt=str(out / "ckpt.pt"), lp_data="3d", n_boot=200, figures=False, pixel_floor=False, num_workers=0,
+              knn="", shots="")  # the linear probe's rows only
     probe.main(pc)
     rows = {r["encoder"]: r for r in json.load(open(out / "probe" / "probe.json")) if r["test_set"] == "phantom-3d"}
     trained = rows[f"{cfg['objective']}-{cfg['max_iters']}"]
@@ -3303,3 +3308,274 @@ def test_num_workers_0_1_2_give_the_same_batches_step_for_step(shard_dir):
                 assert same(v, vars(b['packed'])[k]), k
     assert [b['step'] for b in runs[0]] == list(range(1, 7)) and any(len(b['micro']) > 1 for b in runs[0])
     assert runs[0][0]['id'] != runs[0][1]['id']  # consecutive steps differ: the comparison can fail
+
+
+
+# -----------------------------------------------------------------------------
+# using the encoder: embed.py, SparseMedicalViT.from_checkpoint, data.preprocess_file, kNN and few-shot probes
+
+
+def tiny_ckpt(path, data_dir="", seed=0, **kw):
+    """A train.py-shaped checkpoint of a small random encoder (not the default config: from_checkpoint must read it)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**dict(dict(dim=24, depth=1, heads=2, scale_2d=2.0), **kw))
+    torch.save(dict(model=SparseMedicalViT(cfg).state_dict(), head={}, model_cfg=asdict(cfg), step=5,
+                    run={"git": "abc1234"}, config=dict(data_dir=str(data_dir), objective="lejepa", seed=1)), path)
+    return str(path)
+
+
+def embed_cfg(ckpt, inp, out, **kw):
+    cfg = {k: getattr(embed, k) for k in embed.config_keys}
+    cfg.update(ckpt=str(ckpt), input=str(inp), out=str(out), num_workers=0, long_side_2d=112, long_side_3d=70)
+    return dict(cfg, **kw)
+
+
+def read_h5(path) -> dict:
+    """Every dataset and attribute of an HDF5 file, as numpy arrays and plain values."""
+    with h5py.File(path) as h:
+        got = {f"attr:{k}": v for k, v in h.attrs.items()}
+        h.visititems(lambda k, d: got.__setitem__(k, d[:]) if isinstance(d, h5py.Dataset) else None)
+    return got
+
+
+def test_from_checkpoint_config_eval_mode_weights_and_refusals(tmp_path):
+    path = tiny_ckpt(tmp_path / "ckpt.pt")
+    ck = torch.load(path, weights_only=True)
+    model = SparseMedicalViT.from_checkpoint(path)
+    assert not model.training and asdict(model.cfg) == ck["model_cfg"] and model.cfg.scale_2d == 2.0
+    assert model.checkpoint["step"] == 5 and model.checkpoint["run"]["git"] == "abc1234"
+    ref = SparseMedicalViT(ModelConfig(**ck["model_cfg"])).eval()  # reference: the state dict loaded by hand
+    ref.load_state_dict(ck["model"])
+    vs = [v.clamp(-1, 1) for v in mixed_views()]
+    with torch.no_grad():
+        torch.testing.assert_close(model(vs), ref(vs), rtol=0, atol=0)
+    marker = str(tmp_path / "pwned")  # a checkpoint that runs code when unpickled: refused, and nothing ran
+    torch.save({"model": Payload(marker), "model_cfg": {}, "step": 0}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        SparseMedicalViT.from_checkpoint(str(tmp_path / "evil.pt"))
+    assert not os.path.exists(marker)
+    bad = dict(ck, model={k: v for k, v in ck["model"].items() if k != "norm.bias"})
+    bad["model"]["patch_embed.bias"] = torch.zeros(7)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"missing: norm\.bias\n  shape: patch_embed\.bias: checkpoint \(7,\) vs model \(24,\)"):
+        SparseMedicalViT.from_checkpoint(str(tmp_path / "bad.pt"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        SparseMedicalViT.from_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_model_warns_once_on_inputs_outside_the_training_range():
+    model = tiny_model()
+    ok = [v.clamp(-1, 1) for v in mixed_views()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(ok)
+        model([v * 127.5 + 127.5 for v in ok])  # 0-255 pixels: the TorchXRayVision mistake
+        model([v * 1000 for v in ok])           # raw HU: warned already, once is enough
+        assert len(caught) == 1 and str(caught[0].message).startswith("SparseMedicalViT: input values span [0, 255], outside")
+        tiny_model().train()([v * 1000 for v in ok])  # training: views are clipped by construction, not checked
+        assert len(caught) == 1
+
+
+def test_preprocess_file_and_embed_equal_the_shards_and_probe_path(tmp_path):
+    """The same PNG and NIfTI files through `python data.py folder` + ShardDataset + probe.embed (the training and
+    probe path) and through data.preprocess_file + embed.py: the same arrays, exactly, and the same embeddings."""
+    pytest.importorskip("nibabel"), pytest.importorskip("PIL")
+    recs = phantom.write_files(tmp_path / "files", n2d=5, n3d=3)
+    ckpt = tiny_ckpt(tmp_path / "ckpt.pt")
+    model = SparseMedicalViT.from_checkpoint(ckpt)
+    ref = {}  # file name -> (image, embedding) through shards
+    for sub, mod, ls in (("xray", "xray", 112), ("ct", "ct", 70)):
+        out = str(tmp_path / f"shards_{sub}")
+        data.main(["folder", "--root", str(tmp_path / "files" / sub), "--out", out, "--modality", mod, "--workers", "1",
+                   "--long_side", str(ls), "--val_frac", "0", "--test_frac", "0"])
+        ds = ShardDataset(out)
+        feats = probe.embed(model, ds, torch.device("cpu"), token_budget=150, workers=0)
+        ref.update({i: (ds[k]["image"], x) for k, (i, x) in enumerate(zip(feats["id"], feats["x"]))})
+    for r in recs:
+        got = data.preprocess_file(r["path"], long_side={"2d": 112, "3d": 70})
+        assert got["modality"] == r["modality"]
+        np.testing.assert_array_equal(got["image"], ref[os.path.basename(r["path"])][0])
+    summary = embed.run(embed_cfg(ckpt, tmp_path / "files", tmp_path / "emb.h5", token_budget=200))
+    assert summary["embedded"] == 8 and summary["failed"] == 0
+    h = read_h5(tmp_path / "emb.h5")
+    assert h["attr:step"] == 5 and h["attr:git"] == "abc1234" and json.loads(h["attr:model_cfg"])["scale_2d"] == 2.0
+    assert h["attr:preprocess_version"] == data.PREPROCESS_VERSION and json.loads(h["attr:long_side"]) == {"2d": 112, "3d": 70}
+    names = [os.path.basename(p.decode()) for p in h["path"]]
+    assert sorted(names) == sorted(ref) and len(h["failed/path"]) == 0
+    for n, x, shape, m in zip(names, h["embedding"], h["shape"], h["modality"]):
+        img = ref[n][0]
+        assert tuple(shape) == ((1,) + img.shape[1:] if img.ndim == 3 else img.shape[1:]) and m.decode() == (
+            "2d" if img.ndim == 3 else "3d")
+        np.testing.assert_allclose(x, ref[n][1], rtol=0, atol=1e-5)
+
+
+def test_embed_folder_of_good_bad_and_unreadable_files(tmp_path, capsys):
+    """Every input is a row: embedded with its modality, or failed with the reason `python data.py folder` gives."""
+    xr, ct, expected = problem_folders(tmp_path / "in")
+    ckpt = tiny_ckpt(tmp_path / "ckpt.pt")
+    summary = embed.run(embed_cfg(ckpt, tmp_path / "in", tmp_path / "emb.h5"))
+    h = read_h5(tmp_path / "emb.h5")
+    name = lambda p: os.path.basename(p.decode())
+    good = {name(p): m.decode() for p, m in zip(h["path"], h["modality"])}
+    assert good == {"ok.png": "2d", "mono1.dcm": "2d", "ok.nii.gz": "3d"}
+    reasons = {name(p): r.decode() for p, r in zip(h["failed/path"], h["failed/reason"])}
+    assert sorted(reasons) == sorted(n for n, why in expected.items() if why)
+    assert all(why in reasons[n] for n, why in expected.items() if why), reasons
+    assert h["embedding"].shape == (3, 24) and np.isfinite(h["embedding"]).all()
+    spacing = {name(p): sp for p, sp in zip(h["path"], h["spacing"])}
+    assert np.isnan(spacing["ok.png"][0]) and np.allclose(spacing["ok.nii.gz"], [1.5 * 6 / 37] * 3, rtol=0.03)  # mm
+    assert summary["embedded"] == 3 and summary["failed"] == len(reasons) == 14
+    printed = capsys.readouterr().out
+    assert f"embedded 3 | failed 14 of 17 inputs" in printed and f"failed {os.path.join(xr, 'notes.txt')}: unknown file type" in printed
+    with pytest.raises(FileExistsError, match="delete it or choose another --out"):
+        embed.run(embed_cfg(ckpt, tmp_path / "in", tmp_path / "emb.h5"))
+    with pytest.raises(RuntimeError, match=r"all 7 inputs failed, nothing embedded \(first: .*xray: slice colour\.dcm: RGB"):
+        embed.run(embed_cfg(ckpt, xr, tmp_path / "none.h5", modality="ct"))  # radiographs read as CT (its DICOM
+    assert len(read_h5(tmp_path / "none.h5")["failed/reason"]) == 7  # files one series): all refused, reasons kept
+
+
+def test_embed_interrupted_then_resumed_ends_with_the_same_file(tmp_path, monkeypatch):
+    pytest.importorskip("nibabel"), pytest.importorskip("PIL")
+    phantom.write_files(tmp_path / "files", n2d=6, n3d=4)
+    open(tmp_path / "files" / "xray" / "broken.png", "wb").write(b"\x89PNG not really")
+    ckpt = tiny_ckpt(tmp_path / "ckpt.pt")
+    cfg = lambda out, **kw: embed_cfg(ckpt, tmp_path / "files", tmp_path / out, token_budget=120, tokens=True, **kw)
+    cut = "files/cut.h5"  # its output inside its input folder: OUT.parts/ must not become inputs on resume
+    forwards, real_features, real_write = [], probe.features, embed._write_part
+    monkeypatch.setattr(probe, "features", lambda *a, **k: forwards.append(1) or real_features(*a, **k))
+    embed.run(cfg("whole.h5"))
+    n_whole, forwards[:] = len(forwards), []
+
+    def dies_on_the_third(*a):  # the run is killed as its third batch is done: two parts survive
+        if len(os.listdir(tmp_path / "files" / "cut.h5.parts")) == 3:  # manifest + 2 parts
+            raise KeyboardInterrupt
+        real_write(*a)
+    monkeypatch.setattr(embed, "_write_part", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        embed.run(cfg(cut))
+    assert not (tmp_path / cut).exists() and len(forwards) == 3
+    open(tmp_path / "files" / "cut.h5.parts" / "tmp999.npz", "wb").write(b"half a part")  # a kill mid-write leaves this
+    with pytest.raises(ValueError, match="holds part of another run .*long_side"):  # other settings: refused
+        embed.run(cfg(cut, long_side_2d=98))
+    monkeypatch.setattr(embed, "_write_part", real_write)
+    forwards[:] = []
+    embed.run(cfg(cut))
+    assert len(forwards) == n_whole - 2 and n_whole >= 5  # the two finished batches were not embedded again
+    a, b = read_h5(tmp_path / "whole.h5"), read_h5(tmp_path / cut)
+    assert sorted(a) == sorted(b) and not (tmp_path / "files" / "cut.h5.parts").exists()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert len(a["failed/path"]) == 1 and a["tokens"].shape[0] == a["token_offset"][-1] == a["grid"].prod(1).sum()
+
+
+def brute_force_knn(xtr, ytr, xte, k, T):
+    """Per test sample and finding: cosine similarities in a loop, the k best labelled, softmax(sim / T) vote."""
+    out = np.full((len(xte), ytr.shape[1]), np.nan)
+    for i, q in enumerate(xte):
+        for j in range(ytr.shape[1]):
+            sims = [(float(q @ x / np.linalg.norm(q) / np.linalg.norm(x)), float(ytr[n, j])) for n, x in enumerate(xtr)
+                    if not np.isnan(ytr[n, j])]
+            best = sorted(sims, reverse=True)[:k]
+            w = [math.exp(s / T) for s, _ in best]
+            out[i, j] = sum(wi * y for wi, (_, y) in zip(w, best)) / sum(w)  # all alike: exactly 0 or 1
+    return out
+
+
+def test_knn_scores_and_auroc_match_a_brute_force_loop():
+    rng = np.random.default_rng(0)
+    xtr, xte = rng.normal(size=(40, 6)).astype(np.float32), rng.normal(size=(15, 6)).astype(np.float32)
+    ytr = (rng.random((40, 3)) < 0.4).astype(np.float32)
+    ytr[rng.random((40, 3)) < 0.3] = np.nan  # unlabelled neighbours must not vote
+    yte = (xte[:, :3] + rng.normal(0, 1, (15, 3)) > 0).astype(np.float32)
+    for k, T in ((1, 0.07), (5, 0.07), (10, 0.5)):
+        s = probe.knn_scores(xtr, ytr, xte, k, T, chunk=4)
+        np.testing.assert_allclose(s, brute_force_knn(xtr, ytr, xte, k, T), rtol=1e-5, atol=1e-6)
+        for j in range(3):
+            assert probe.auroc(yte[:, j], s[:, j]) == pytest.approx(roc_auc_score(yte[:, j], s[:, j]))
+
+
+def test_few_shot_draws_reproducible_by_seed_and_balanced():
+    y = (np.random.default_rng(1).random((60, 5)) < 0.3).astype(np.float32)
+    y[:30, 2] = np.nan
+    y[:, 4] = 0
+    y[:3, 4] = 1  # 3 positives: a 5-shot draw is impossible for this finding
+    a = probe.few_shot_picks(y, 5, np.random.default_rng((0, 5, 0)))
+    b = probe.few_shot_picks(y, 5, np.random.default_rng((0, 5, 0)))
+    c = probe.few_shot_picks(y, 5, np.random.default_rng((0, 5, 1)))
+    assert all(np.array_equal(p, q) for p, q in zip(a[:4], b[:4])) and a[4] is None and b[4] is None
+    assert any(not np.array_equal(p, q) for p, q in zip(a[:4], c[:4]))  # another draw differs
+    for j, idx in enumerate(a[:4]):
+        assert len(set(idx)) == 10 and list(y[idx, j]) == [1] * 5 + [0] * 5  # k of each class, labelled, distinct
+    x = np.random.default_rng(2).normal(3, 2, size=(60, 4))
+    s = probe.predict(probe.fit_few_shot(x, y, a, probe.StandardScaler().fit(x), C=0.5), x[:7])
+    z = (x - x.mean(0)) / x.std(0)  # standardised on all 60 samples, by hand
+    ref = LogisticRegression(C=0.5, max_iter=1000).fit(z[a[1]], y[a[1], 1]).decision_function(z[:7])
+    np.testing.assert_allclose(s[:, 1], ref, rtol=1e-5)
+    assert np.isnan(s[:, 4]).all()
+
+
+def test_knn_and_few_shot_rows_end_to_end(tmp_path, capsys):
+    """probe.main adds kNN and k-shot rows beside the linear ones, which keep their numbers; reproducible by seed."""
+    ckpt = tiny_world(tmp_path)
+    cfg = {k: getattr(probe, k) for k in probe.config_keys}
+    cfg.update(ckpt=str(ckpt), out_dir=str(tmp_path / "p1"), num_workers=0, n_boot=20, Cs=(1.0,), figures=False,
+               pixel_floor=False, random_init=False, lp_data="2d", knn="3,5", shots="2,9", shot_draws=3)
+    probe.main(cfg)
+    rows = json.load(open(tmp_path / "p1" / "probe.json"))
+    probe.main(dict(cfg, out_dir=str(tmp_path / "p2")))
+    assert json.load(open(tmp_path / "p2" / "probe.json")) == rows  # the same draws again
+    probe.main(dict(cfg, out_dir=str(tmp_path / "p3"), knn="", shots=""))
+    linear = json.load(open(tmp_path / "p3" / "probe.json"))
+    assert [r for r in rows if r["protocol"] == "linear"] == linear  # untouched by the new rows
+    protos = [r["protocol"] for r in rows if r["test_set"] == "phantom-2d"]
+    assert protos == ["linear", "knn-3", "knn-5", "2-shot", "9-shot"]
+    te = ShardDataset(str(tmp_path), split="test", modality="2d")
+    tr = ShardDataset(str(tmp_path), split="train", modality="2d")
+    feats = {s: probe.embed(SparseMedicalViT.from_checkpoint(str(ckpt)), d, torch.device("cpu"), workers=0)
+             for s, d in (("train", tr), ("test", te))}
+    knn3 = [r for r in rows if r["test_set"] == "phantom-2d" and r["protocol"] == "knn-3"][0]
+    s = brute_force_knn(feats["train"]["x"], feats["train"]["y"], feats["test"]["x"], 3, probe.knn_T)
+    assert knn3["macro"] == pytest.approx(np.mean([roc_auc_score(te.labels[~np.isnan(te.labels[:, j]), j],
+                                                                 s[~np.isnan(te.labels[:, j]), j]) for j in range(5)]), abs=1e-3)
+    two = [r for r in rows if r["test_set"] == "phantom-2d" and r["protocol"] == "2-shot"][0]
+    assert len(two["draws"]) == 3 and two["macro"] == pytest.approx(np.mean(two["draws"]), abs=1e-3)
+    assert two["sd"] == pytest.approx(np.std(two["draws"]), abs=1e-3) and two["n_train"] == 4
+    nine = [r for r in rows if r["protocol"] == "9-shot"]
+    assert all(set(r["auroc"].values()) == {None} for r in nine)  # 16 train samples: never 9 of each class
+    out = capsys.readouterr().out
+    assert "9-shot, LP data 2d: fewer than 9 positives or negatives of ATEL, CARD, CONS, LO, EFF" in out
+    assert f"knn-3" in out and f"+- {two['sd']:.3f} (3 draws)" in out
+
+
+def test_data_md_conventions_match_the_code(tmp_path):
+    """DATA.md's table against the code: the CT axis codes against nibabel.aff2axcodes of a NIfTI reoriented by
+    nibabel to them, and a marker at the superior-posterior-left corner ending last on every axis; window, sizes."""
+    nib = pytest.importorskip("nibabel")
+    text = open(os.path.join(REPO, "DATA.md")).read()
+    row = lambda name: next(l for l in text.splitlines() if l.startswith(f"| {name}"))
+    code = re.search(r"`([RLAPSI]{3})`", row("CT orientation")).group(1)
+    assert code == "".join(R.CANONICAL)
+    rng = np.random.default_rng(0)
+    for trial in range(4):  # a random axis order and flips, as scanners store volumes
+        perm, signs, sp = rng.permutation(3), rng.choice([-1, 1], 3), rng.uniform(0.6, 2.0, 3)
+        aff = np.eye(4)
+        aff[:3, :3] = 0
+        aff[perm, [0, 1, 2]] = signs * sp
+        shape = tuple(int(v) for v in rng.integers(16, 24, 3))
+        a = np.full(shape, -1000, np.int16)
+        a[4:-4, 4:-4, 4:-4] = 40
+        ras = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1) @ aff[:3, :3].T  # world mm per voxel
+        a[np.unravel_index(np.argmax(ras[..., 2] - ras[..., 1] - ras[..., 0]), shape)] = 900  # most S, P (-A), L (-R)
+        img = nib.Nifti1Image(a, aff)
+        nib.save(img, tmp_path / f"v{trial}.nii.gz")
+        hu, spacing = R.load_ct({"path": str(tmp_path / f"v{trial}.nii.gz")})
+        ref = img.as_reoriented(nib.orientations.ornt_transform(nib.orientations.io_orientation(aff),
+                                                                nib.orientations.axcodes2ornt(tuple(code))))
+        assert nib.aff2axcodes(ref.affine) == tuple(code)
+        np.testing.assert_array_equal(hu, ref.get_fdata())
+        assert hu[-1, -1, -1] == 900 and np.allclose(spacing, np.sqrt((ref.affine[:3, :3] ** 2).sum(0)))
+    w, l = data.CT_WINDOW
+    assert f"W={w:g}, L={l:g}: [{l - w / 2:g}, {l + w / 2:g}] HU" in row("CT HU window")
+    assert f"2D {data.LONG_SIDE['2d']}, 3D {data.LONG_SIDE['3d']}" in row("long sides (paper)")
+    assert f"2D {phantom.LONG_SIDE_2D}, 3D {phantom.LONG_SIDE_3D}" in row("long sides (phantom main job)")
+    assert "[-1, 1]" in row("intensity range") and f"rint({pack.Q:g} x)" in row("intensity range")

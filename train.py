@@ -31,7 +31,7 @@ import adapters
 import data
 import views
 from lejepa import Projector, lejepa_loss
-from model import ModelConfig, SparseMedicalViT, PRESETS
+from model import ModelConfig, SparseMedicalViT, PRESETS, load_weights
 
 # -----------------------------------------------------------------------------
 # data
@@ -107,8 +107,8 @@ def configure(defaults: dict, argv: list) -> dict:
             key, sep, val = arg[2:].partition("=")
             if not sep:
                 raise ValueError(f"override {arg!r}: expected --key=value")
-            try:
-                val = literal_eval(val)
+            try:  # a str knob takes the text as given: probe.py's --knn=10,20 is not the tuple (10, 20)
+                val = literal_eval(val) if not isinstance(defaults.get(key), str) else val
             except (ValueError, SyntaxError):
                 val = val  # a bare string such as --out_dir=out2
             updates, origin = {key: val}, "command line"
@@ -531,21 +531,6 @@ def supervised_loss(logits, labels):
     y, mask = torch.nan_to_num(labels).expand_as(logits), (~torch.isnan(labels)).expand_as(logits).float()
     bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * mask).sum() / mask.sum().clamp(min=1)
     return bce, torch.zeros_like(bce), bce
-
-
-def load_weights(module: nn.Module, state: dict, path: str, what: str):
-    """load_state_dict with a message that lists mismatched keys and shapes."""
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"checkpoint {path} ({what}) does not fit this model config:\n"
-                         + "".join(f"  missing: {k}\n" for k in missing[:20])
-                         + "".join(f"  unexpected: {k}\n" for k in unexpected[:20])
-                         + "".join(f"  shape: {s}\n" for s in shapes[:20])
-                         + "use the same --preset/--proj_dim/--proj_hidden as the run that wrote it")
-    module.load_state_dict(state)
 
 
 if __name__ == "__main__":
