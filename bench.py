@@ -28,7 +28,7 @@ import views
 from lejepa import Projector, lejepa_loss
 from model import ModelConfig, SparseMedicalViT, PRESETS
 from rope3d import apply_rope_cs, rope_cos_sin
-from train import CHOICES, check_choices, configure, resolve_dtype
+from train import CHOICES, check_choices, configure, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 preset = "tiny"            # model preset for parts 1-2 ('tiny' | 'small' | 'base')
@@ -169,7 +169,7 @@ def host(cfg, dev, sync) -> dict:
 def main(cfg):
     check_choices(cfg, {k: CHOICES[k] for k in ("preset", "device", "dtype")})
     torch.set_num_threads(cfg["threads"])
-    dev = torch.device("cuda" if (cfg["device"] == "auto" and torch.cuda.is_available()) or cfg["device"] == "cuda" else "cpu")
+    dev = resolve_device(cfg["device"])
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     data.ensure_phantom(cfg["data_dir"])  # generated on first use, finished if interrupted

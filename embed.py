@@ -31,7 +31,7 @@ import data
 import probe
 from model import SparseMedicalViT
 from readers import BadInput
-from train import configure
+from train import CHOICES, check_choices, configure, resolve_device
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"          # train.py checkpoint
@@ -109,9 +109,8 @@ def run(cfg: dict) -> dict:
     """Embed cfg['input'] into cfg['out']; returns the summary (counts, seconds)."""
     if not cfg["input"]:
         raise ValueError("--input=PATH is required: a file, a DICOM series folder or a folder of them")
-    if cfg["modality"] not in MODALITIES:
-        raise ValueError(f"--modality={cfg['modality']!r}: expected one of {', '.join(MODALITIES)}")
-    dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_choices(cfg, {"modality": tuple(MODALITIES), "device": CHOICES["device"]})
+    dev = resolve_device(cfg["device"])
     model = SparseMedicalViT.from_checkpoint(cfg["ckpt"]).to(dev)
     train_cfg = model.checkpoint["config"] or {}
     long_side = {m: cfg[f"long_side_{m}"] for m in ("2d", "3d")}

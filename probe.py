@@ -31,7 +31,7 @@ import data
 import views
 from model import ModelConfig, SparseMedicalViT
 from pack import pool_views
-from train import CHOICES, check_choices, configure
+from train import CHOICES, check_choices, configure, resolve_device
 
 # -----------------------------------------------------------------------------
 # encoders and data
@@ -388,7 +388,7 @@ def main(cfg: dict):
     if not lps or set(lps) - set(LP_DATA):
         raise ValueError(f"--lp_data={cfg['lp_data']!r}: expected a comma-separated subset of {', '.join(LP_DATA)}")
     knn_ks, shot_ks = (counts(cfg, key) for key in ("knn", "shots"))
-    dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(cfg["device"])
     encoders, ck = load_encoders(cfg)
     data_dir = cfg["data_dir"] or ck["config"]["data_dir"]
     data.ensure_phantom(data_dir)  # as train.py: the phantom world is made on first use, finished if interrupted

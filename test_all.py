@@ -3085,16 +3085,20 @@ def test_paper_recipe_without_its_data_stops_before_any_model_or_data_work(tmp_p
 
 @pytest.mark.parametrize("script, knob, value", [
     ("train", "preset", "huge"), ("train", "device", "gpu"), ("train", "dtype", "fp16"), ("train", "objective", "mae"),
-    ("train", "init_from", "resum"), ("bench", "preset", "huge"), ("bench", "device", "gpu"), ("probe", "device", "gpu")])
+    ("train", "init_from", "resum"), ("train", "view_pairing", "random"), ("bench", "preset", "huge"),
+    ("bench", "device", "gpu"), ("bench", "dtype", "fp16"), ("probe", "device", "gpu"), ("embed", "device", "gpu"),
+    ("embed", "modality", "mri")])
 def test_choice_valued_knobs_name_their_values(shards, tmp_path, script, knob, value):
     """A value outside a knob's choices is a ValueError naming the knob, the value and every allowed value, raised
     before any work (old: preset='huge' a bare KeyError; device='gpu' and dtype='fp16' ran on the CPU in fp32)."""
     allowed = {"preset": "'tiny', 'small', 'base'", "device": "'auto', 'cpu', 'cuda'", "dtype": "'auto', 'float32', 'bfloat16'",
-               "objective": "'lejepa', 'supervised'", "init_from": "'scratch', 'resume', 'auto' or a checkpoint file"}[knob]
+               "objective": "'lejepa', 'supervised'", "init_from": "'scratch', 'resume', 'auto' or a checkpoint file",
+               "view_pairing": "'sample', 'shuffled'", "modality": "'auto', '2d', 'xray', '3d', 'ct'"}[knob]
     cfg = {"train": lambda: fast_cfg(shards, str(tmp_path / "out")), "bench": lambda: bench_cfg(shards),
-           "probe": lambda: probe_cfg(tmp_path, shards)}[script]()
+           "probe": lambda: probe_cfg(tmp_path, shards),
+           "embed": lambda: dict({k: getattr(embed, k) for k in embed.config_keys}, input=str(tmp_path))}[script]()
     with pytest.raises(ValueError, match=rf"{knob}='{value}': expected ") as e:
-        {"train": train.main, "bench": bench.main, "probe": probe.main}[script](dict(cfg, **{knob: value}))
+        {"train": train.main, "bench": bench.main, "probe": probe.main, "embed": embed.run}[script](dict(cfg, **{knob: value}))
     assert allowed in str(e.value)
 
 
