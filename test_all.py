@@ -3008,7 +3008,10 @@ import json, resource, sys
 sys.path.insert(0, {repo!r})
 import data
 data.main(['folder', '--modality', 'ct', '--root', {root!r}, '--out', {out!r}, '--workers', '1'])
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))  # KiB on Linux
+# KiB: this process's own peak (VmHWM restarts at exec; RUSAGE_SELF would carry the forking pytest's size over)
+# and the largest of its finished children's (the worker that read the files)
+own = int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))
+print(json.dumps(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)))
 """
 
 
