@@ -593,7 +593,7 @@ class HostSyncs(TorchDispatchMode):
         leaves = tree_leaves((args, kwargs))
         tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
         on_device = any(t.device.type != "cpu" for t in tensors)  # host work (the loader's, say) waits for no GPU
-        if name in ("_local_scalar_dense", "nonzero", "masked_select", "item") and on_device:
+        if name in ("_local_scalar_dense", "nonzero", "masked_select") and on_device:
             self.found.append(name)
         elif name == "index" and on_device and any(t.dtype == torch.bool for t in tensors[1:]):
             self.found.append("boolean-mask index")
