@@ -865,15 +865,9 @@ def ensure_phantom(data_dir, workers=None):
 
 # ----------------------------------------------------------------------------- CLI
 
-ADAPTERS = {  # python data.py <name> --root R --out O: records function (adapters.py), raw loader (readers.py)
-    'mimic': (adapters.records_mimic, readers.load_xray), 'chexpert': (adapters.records_chexpert, readers.load_xray),
-    'ctrate': (adapters.records_ctrate, readers.load_ct), 'radchest': (adapters.records_radchest, readers.load_radchest),
-    'folder': (adapters.records_folder, readers.load_folder)}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Preprocess a data set into shards (python data.py <name> --root R --out O)")
-    p.add_argument('name', choices=['phantom', *ADAPTERS])
+    p.add_argument('name', choices=['phantom', *adapters.DATASETS])
     p.add_argument('--root', help="the raw data set's folder (not for phantom)")
     p.add_argument('--out', required=True, help="shard folder (several data sets may share one)")
     p.add_argument('--workers', type=int, default=None, help="processes (default: all CPU cores)")
@@ -884,21 +878,16 @@ def main(argv=None):
     p.add_argument('--file_timeout', type=float, default=FILE_TIMEOUT, help="seconds one file may take, then it is "
                    f"refused (default {FILE_TIMEOUT})")
     g = p.add_argument_group('real-data adapters (adapters.py)')
-    g.add_argument('--modality', choices=('xray', 'ct'), default='xray', help='folder: radiographs or CT')
-    g.add_argument('--labels', default=None, help='folder: CSV with a path column and label columns')
-    g.add_argument('--blank', choices=('zero', 'nan'), default='zero',
-                   help='mimic: a CheXpert label left blank (not mentioned) is negative or unknown')
-    g.add_argument('--val_frac', type=float, default=adapters.VAL_FRAC, help='ctrate, folder: patients hashed to val')
-    g.add_argument('--test_frac', type=float, default=adapters.TEST_FRAC, help='folder: patients hashed to test')
+    for opt, kw in adapters.OPTIONS.items():
+        users = ', '.join(name for name, (_, _, opts) in adapters.DATASETS.items() if opt in opts)
+        g.add_argument(f'--{opt}', **dict(kw, help=f"{users}: {kw['help']}"))
     args = p.parse_args(argv)
     if args.name == 'phantom':
         return make_phantom(args.out, workers=args.workers)  # an interrupted world: as it was started
     if not args.root:
         p.error(f"{args.name} needs --root, the folder of the raw data set")
-    kwargs = {'mimic': dict(blank=0.0 if args.blank == 'zero' else np.nan), 'ctrate': dict(val_frac=args.val_frac),
-              'folder': dict(modality=args.modality, labels=args.labels, val_frac=args.val_frac,
-                             test_frac=args.test_frac)}.get(args.name, {})
-    records_fn, load_fn = ADAPTERS[args.name]
+    records_fn, load_fn, options = adapters.DATASETS[args.name]
+    kwargs = {opt: getattr(args, opt) for opt in options}
     return preprocess_records(records_fn(args.root, **kwargs), load_fn, args.out, args.name, shard_size=args.shard_size,
                               workers=args.workers, long_side=args.long_side, max_voxels=args.max_voxels,
                               file_timeout=args.file_timeout,
