@@ -2,6 +2,8 @@
 LeJEPA's views (paper 2.2, 2.4): V_g global + V_l local crops of a sample and their per-view intensity
 augmentation, drawn in a loader worker by MultiCrop(...)(image, rng) and applied on the device by
 augment(packed, aug) to the packed int8 crops. The choices and their tests: DATA.md, "Views".
+Everything a view is lives here; its knobs are train.py's `# data` block (n_global ... view_intensity), which
+train.view_maker hands to MultiCrop; data.make_loader calls the MultiCrop in its workers, train.py calls augment.
 """
 
 import dataclasses
