@@ -156,7 +156,7 @@ def main(cfg: dict):
     pbar = data.progress(total=cfg["max_iters"], initial=start_step, desc="train") if master else None
 
     # --- the training loop
-    reg_name = "sigreg" if cfg["objective"] == "lejepa" else "bce"  # the loss's second logged term
+    sigreg_or_bce = "sigreg" if cfg["objective"] == "lejepa" else "bce"  # the name of the second logged term
     batches, step = data.ToDevice(loader, device), start_step  # on CUDA, the next batch copies while a step computes
     t_last, tok_acc, views_acc, steps_acc, skipped = time.time(), 0, 0, 0, 0
     end = min(cfg["max_iters"], cfg["stop_at"] or cfg["max_iters"])
@@ -192,7 +192,8 @@ def main(cfg: dict):
                         loss, inv_loss, sigreg_loss = lejepa_loss(z, n_global=cfg["n_global"], lam=cfg["lam"],
                                                                   num_slices=cfg["num_slices"], step=step)
                     else:
-                        loss, inv_loss, sigreg_loss = supervised_loss(z, batch["labels"][a:b].to(device, non_blocking=True))
+                        labels = batch["labels"][a:b].to(device, non_blocking=True)
+                        loss, inv_loss, sigreg_loss = supervised_loss(z, labels)  # (bce, 0, bce)
                 (loss / len(micro)).backward()  # outside autocast, as the AMP docs advise
             losses += torch.stack([loss.detach(), inv_loss.detach(), sigreg_loss.detach()]) / len(micro)
             tok_acc += packed.num_tokens
@@ -204,8 +205,8 @@ def main(cfg: dict):
         # sync, as the loss must be checked before the optimizer step may change the weights
         if ddp:
             dist.all_reduce(losses, op=dist.ReduceOp.AVG)
-        loss_v, inv_v, reg_v = losses.tolist()
-        for name, val in (("pred", inv_v), (reg_name, reg_v)):
+        loss_v, inv_v, sigreg_v = losses.tolist()
+        for name, val in (("pred", inv_v), (sigreg_or_bce, sigreg_v)):
             if not math.isfinite(val):
                 raise FloatingPointError(f"step {step}: non-finite loss term {name} = {val}. Stopping before the "
                                          f"optimizer step; the last good checkpoint {ckpt_path} is left untouched")
@@ -230,12 +231,12 @@ def main(cfg: dict):
             dt_s = time.time() - t_last
             mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-            rec = dict(step=step, loss=loss_v, pred=inv_v, sigreg=reg_v, lr=lr, grad_norm=float(gnorm),
+            rec = dict(step=step, loss=loss_v, pred=inv_v, sigreg=sigreg_v, lr=lr, grad_norm=float(gnorm),
                        tok_s=counts[0].item() / dt_s, views_s=counts[1].item() / dt_s,
                        step_ms=1000 * dt_s / steps_acc, mem_gib=mem, n_micro=len(micro), skipped=int(counts[2]))
-            line = (f"step {step}/{cfg['max_iters']} | loss {loss_v:.4f} | pred {inv_v:.4f} | {reg_name} {reg_v:.4f} | "
-                    f"lr {lr:.2e} | gnorm {float(gnorm):.3f} | {rec['tok_s'] / 1e3:.1f}k tok/s | "
-                    f"{rec['views_s']:.0f} views/s | {rec['step_ms']:.0f} ms | mem {mem:.2f} GiB"
+            line = (f"step {step}/{cfg['max_iters']} | loss {loss_v:.4f} | pred {inv_v:.4f} | "
+                    f"{sigreg_or_bce} {sigreg_v:.4f} | lr {lr:.2e} | gnorm {float(gnorm):.3f} | "
+                    f"{rec['tok_s'] / 1e3:.1f}k tok/s | {rec['views_s']:.0f} views/s | {rec['step_ms']:.0f} ms | mem {mem:.2f} GiB"
                     + (f" | skipped {rec['skipped']} bad samples so far" if rec["skipped"] else ""))
             if master:
                 pbar.write(line)
