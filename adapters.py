@@ -2,7 +2,9 @@
 Real data sets (paper 2.4.1): the label schema LABELS, and for each data set (or any folder of radiographs
 or CT) its records: dicts of id, patient_id, study_id, split, labels (float32[5] in LABELS order, NaN
 unknown), modality ('2d'|'3d'), path and loader keys (an 'error' makes the loader refuse it), which
-`python data.py <name>` loads with readers.py. Layouts, labels, splits, pitfalls: DATA.md, "Real data".
+`python data.py <name>` loads with readers.py. DATASETS, at the end, is the one registry of the data sets: adding
+one is a records_* function and a line there (and a loader in readers.py for a new format). Layouts, labels,
+splits, pitfalls: DATA.md, "Real data".
 """
 
 import csv
@@ -97,7 +99,9 @@ def _record(id, patient_id, study_id, split, labels, modality, path, error=None,
 # ----------------------------------------------------------------------------- data sets
 
 def records_mimic(root, blank=0.0):
-    """MIMIC-CXR-JPG 2.x: a frontal image per study (PA first), the official split; blank: an unmentioned finding."""
+    """MIMIC-CXR-JPG 2.x: a frontal image per study (PA first), the official split; blank: an unmentioned finding
+    (0.0 or 'zero': negative; NaN or 'nan': unknown)."""
+    blank = {'zero': 0.0, 'nan': np.nan}.get(blank, blank)
     meta, split, lab = (_one(root, f'*-{n}.csv*') for n in ('metadata', 'split', 'chexpert'))
     split_of = {r['dicom_id']: SPLITS.get(r['split'].strip()) for r in _read_csv(split)[1]}
     header, rows = _read_csv(lab)
@@ -220,3 +224,24 @@ def records_folder(root, modality='xray', labels=None, val_frac=VAL_FRAC, test_f
                             _labels(r, cols, np.nan, labels) if r else None, '2d' if two_d else '3d',
                             rel.get(key, os.path.join(root, key)), error=error))
     return recs
+
+
+# ----------------------------------------------------------------------------- the registry
+
+# python data.py <name> --root R --out O [--option V ...]: each data set's records function, the raw loader of
+# readers.py that reads its records, and the command-line options it takes (passed to it by keyword, by name)
+DATASETS = {
+    'mimic': (records_mimic, readers.load_xray, ('blank',)),
+    'chexpert': (records_chexpert, readers.load_xray, ()),
+    'ctrate': (records_ctrate, readers.load_ct, ('val_frac',)),
+    'radchest': (records_radchest, readers.load_radchest, ()),
+    'folder': (records_folder, readers.load_folder, ('modality', 'labels', 'val_frac', 'test_frac')),
+}
+OPTIONS = {  # argparse keywords of each option; its help names the data sets that take it
+    'modality': dict(choices=('xray', 'ct'), default='xray', help='radiographs or CT'),
+    'labels': dict(default=None, help='CSV with a path column and label columns'),
+    'blank': dict(choices=('zero', 'nan'), default='zero',
+                  help='a CheXpert label left blank (not mentioned) is negative or unknown'),
+    'val_frac': dict(type=float, default=VAL_FRAC, help='patients hashed to val'),
+    'test_frac': dict(type=float, default=TEST_FRAC, help='patients hashed to test'),
+}

@@ -44,7 +44,7 @@ import readers
 from adapters import LABELS
 from pack import PATCH, Q, pack_arrays
 from readers import BadInput
-from views import MultiCrop
+from views import IDENTITY_AUG, MultiCrop
 
 FORMAT_VERSION = 1     # bump when the shard layout changes; readers refuse other versions
 LONG_SIDE = {'2d': 224, '3d': 112}   # paper 2.4: long side after resizing
@@ -147,26 +147,27 @@ def _quantise(x: np.ndarray) -> np.ndarray:
 
 
 def write_shard(path, samples: list, meta: dict | None = None):
-    """Samples (image float32 or int8, labels, STR_KEYS, spacing) to one shard, via path.tmp and a rename."""
+    """Samples (image float32 or int8, labels, STR_KEYS, spacing) to one shard, atomically (atomic_write)."""
     n = len(samples)
     imgs = [s['image'] if s['image'].dtype == np.int8 else _quantise(s['image']) for s in samples]
     shape = np.array([(1,) + im.shape[1:] if im.ndim == 3 else im.shape[1:] for im in imgs], np.int32).reshape(n, 3)
     offset = np.concatenate([[0], np.cumsum([im.size for im in imgs])]).astype(np.int64)
     flat = np.concatenate([im.ravel() for im in imgs]) if n else np.zeros(0, np.int8)
-    tmp = str(path) + '.tmp'
-    with h5py.File(tmp, 'w') as h:
-        h.attrs.update(meta or {}, format_version=FORMAT_VERSION, labels=list(LABELS))
-        comp = COMPRESSION if flat.size else None  # 64 KiB chunks: a 2D read decompresses little beyond itself
-        h.create_dataset('image', data=flat, compression=comp, chunks=(min(flat.size, 1 << 16),) if comp else None)
-        h['offset'], h['shape'] = offset, shape
-        # per-sample CRC32 (0.3 ms per 112^3 volume): a shard truncated or overwritten after writing reads
-        # back as zeros or garbage through an open handle, never as an error
-        h['crc32'] = np.array([zlib.crc32(np.ascontiguousarray(im)) for im in imgs], np.uint32).reshape(n)
-        h['labels'] = np.array([s['labels'] for s in samples], np.float32).reshape(n, len(LABELS))
-        h['spacing'] = np.array([s.get('spacing', (np.nan,) * 3) for s in samples], np.float32).reshape(n, 3)
-        for k in STR_KEYS:
-            h.create_dataset(k, data=np.array([str(s[k]) for s in samples], dtype=object), dtype=h5py.string_dtype())
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with h5py.File(tmp, 'w') as h:
+            h.attrs.update(meta or {}, format_version=FORMAT_VERSION, labels=list(LABELS))
+            comp = COMPRESSION if flat.size else None  # 64 KiB chunks: a 2D read decompresses little beyond itself
+            h.create_dataset('image', data=flat, compression=comp, chunks=(min(flat.size, 1 << 16),) if comp else None)
+            h['offset'], h['shape'] = offset, shape
+            # per-sample CRC32 (0.3 ms per 112^3 volume): a shard truncated or overwritten after writing reads
+            # back as zeros or garbage through an open handle, never as an error
+            h['crc32'] = np.array([zlib.crc32(np.ascontiguousarray(im)) for im in imgs], np.uint32).reshape(n)
+            h['labels'] = np.array([s['labels'] for s in samples], np.float32).reshape(n, len(LABELS))
+            h['spacing'] = np.array([s.get('spacing', (np.nan,) * 3) for s in samples], np.float32).reshape(n, 3)
+            for k in STR_KEYS:
+                h.create_dataset(k, data=np.array([str(s[k]) for s in samples], dtype=object), dtype=h5py.string_dtype())
+    atomic_write(str(path), write)
 
 
 def _read_json(path) -> dict:
@@ -179,10 +180,24 @@ def _read_json(path) -> dict:
         return {}
 
 
+def atomic_write(path, write):
+    """write(tmp) to a temp file beside path, then rename it over path: a crash, a kill or a full disk never leaves a
+    half-written file, and the old one, if any, is kept. The one atomic write of shards, reports, logs, checkpoints."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def _write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)  # never half-written
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
 
 
 def _rebuild_hint(path) -> str:
@@ -203,15 +218,16 @@ def _open_shard(path) -> h5py.File:
                          f"{_rebuild_hint(path)} (finished shards are skipped)") from None
     version = h.attrs.get('format_version')
     try:
-        ok = version == FORMAT_VERSION and list(h.attrs['labels']) == list(LABELS) and h['offset'][-1] == h['image'].shape[0]
+        ok = (version == FORMAT_VERSION and list(h.attrs['labels']) == list(LABELS) and 'crc32' in h
+              and h['offset'][-1] == h['image'].shape[0])
     except (KeyError, OSError):
         ok = False
     if not ok:
         h.close()
         raise ShardError(f"shard {path}: expected format_version {FORMAT_VERSION}, found {version}; delete the old "
                          f"shards and re-run {_rebuild_hint(path)}" if version != FORMAT_VERSION else
-                         f"shard {path}: inconsistent contents (labels {list(LABELS)} and image size expected); "
-                         f"delete it and re-run {_rebuild_hint(path)}")
+                         f"shard {path}: inconsistent contents (labels {list(LABELS)}, checksums and image size "
+                         f"expected); delete it and re-run {_rebuild_hint(path)}")
     return h
 
 
@@ -481,8 +497,7 @@ class ShardDataset(torch.utils.data.Dataset):
             with _open_shard(path) as h:
                 off, n = h['offset'][:], len(h['offset']) - 1
                 col = {k: h[k].asstr()[:] for k in STR_KEYS} | {k: h[k][:] for k in ('shape', 'labels', 'spacing')}
-                col.update(file=np.full(n, fi), start=off[:-1], stop=off[1:],  # crc32 -1: written before checksums
-                           crc32=h['crc32'][:].astype(np.int64) if 'crc32' in h else np.full(n, -1, np.int64))
+                col.update(file=np.full(n, fi), start=off[:-1], stop=off[1:], crc32=h['crc32'][:])
             held.update(zip(col['modality'], col['split']))
             keep = np.ones(n, bool) & (col['split'] == split if split else True) & (
                 col['modality'] == modality if modality else True)
@@ -519,7 +534,7 @@ class ShardDataset(torch.utils.data.Dataset):
         except (OSError, ShardError) as e:  # e.g. truncated since the index was read; name the sample too
             fix = "" if isinstance(e, ShardError) else f"; delete it and re-run {_rebuild_hint(path)}"
             raise ShardError(f"sample {self.id[i]} (index {i}) of shard {path}: {e}{fix}") from None
-        if self.crc32[i] >= 0 and zlib.crc32(q) != self.crc32[i]:
+        if zlib.crc32(q) != self.crc32[i]:
             raise ShardError(f"shard {path}: sample {self.id[i]} (index {i}) fails its CRC32 check: the file was "
                              f"truncated or overwritten after it was written; delete it and re-run {_rebuild_hint(path)}")
         return q.reshape((1, hgt, wid) if self.modality[i] == '2d' else (1, z, hgt, wid))
@@ -674,7 +689,7 @@ def pack_whole(images: list, patch: int = PATCH, alpha: float = 128.0) -> dict:
     probe.features (the probe and embed.py). In shared memory inside a DataLoader worker."""
     share = torch.utils.data.get_worker_info() is not None
     return {'packed': pack_arrays([pad_to_patches(q, patch) for q in images], patch, alpha, share),
-            'aug': torch.tensor([[1.0, 0.0, 0.0, 0.0]] * len(images), dtype=torch.float64)}  # (c, b, sd, row): none
+            'aug': torch.tensor([IDENTITY_AUG] * len(images), dtype=torch.float64)}
 
 
 def _whole_batch(ds, patch, alpha, idx) -> dict:
@@ -850,15 +865,9 @@ def ensure_phantom(data_dir, workers=None):
 
 # ----------------------------------------------------------------------------- CLI
 
-ADAPTERS = {  # python data.py <name> --root R --out O: records function (adapters.py), raw loader (readers.py)
-    'mimic': (adapters.records_mimic, readers.load_xray), 'chexpert': (adapters.records_chexpert, readers.load_xray),
-    'ctrate': (adapters.records_ctrate, readers.load_ct), 'radchest': (adapters.records_radchest, readers.load_radchest),
-    'folder': (adapters.records_folder, readers.load_folder)}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Preprocess a data set into shards (python data.py <name> --root R --out O)")
-    p.add_argument('name', choices=['phantom', *ADAPTERS])
+    p.add_argument('name', choices=['phantom', *adapters.DATASETS])
     p.add_argument('--root', help="the raw data set's folder (not for phantom)")
     p.add_argument('--out', required=True, help="shard folder (several data sets may share one)")
     p.add_argument('--workers', type=int, default=None, help="processes (default: all CPU cores)")
@@ -869,21 +878,16 @@ def main(argv=None):
     p.add_argument('--file_timeout', type=float, default=FILE_TIMEOUT, help="seconds one file may take, then it is "
                    f"refused (default {FILE_TIMEOUT})")
     g = p.add_argument_group('real-data adapters (adapters.py)')
-    g.add_argument('--modality', choices=('xray', 'ct'), default='xray', help='folder: radiographs or CT')
-    g.add_argument('--labels', default=None, help='folder: CSV with a path column and label columns')
-    g.add_argument('--blank', choices=('zero', 'nan'), default='zero',
-                   help='mimic: a CheXpert label left blank (not mentioned) is negative or unknown')
-    g.add_argument('--val_frac', type=float, default=adapters.VAL_FRAC, help='ctrate, folder: patients hashed to val')
-    g.add_argument('--test_frac', type=float, default=adapters.TEST_FRAC, help='folder: patients hashed to test')
+    for opt, kw in adapters.OPTIONS.items():
+        users = ', '.join(name for name, (_, _, opts) in adapters.DATASETS.items() if opt in opts)
+        g.add_argument(f'--{opt}', **dict(kw, help=f"{users}: {kw['help']}"))
     args = p.parse_args(argv)
     if args.name == 'phantom':
         return make_phantom(args.out, workers=args.workers)  # an interrupted world: as it was started
     if not args.root:
         p.error(f"{args.name} needs --root, the folder of the raw data set")
-    kwargs = {'mimic': dict(blank=0.0 if args.blank == 'zero' else np.nan), 'ctrate': dict(val_frac=args.val_frac),
-              'folder': dict(modality=args.modality, labels=args.labels, val_frac=args.val_frac,
-                             test_frac=args.test_frac)}.get(args.name, {})
-    records_fn, load_fn = ADAPTERS[args.name]
+    records_fn, load_fn, options = adapters.DATASETS[args.name]
+    kwargs = {opt: getattr(args, opt) for opt in options}
     return preprocess_records(records_fn(args.root, **kwargs), load_fn, args.out, args.name, shard_size=args.shard_size,
                               workers=args.workers, long_side=args.long_side, max_voxels=args.max_voxels,
                               file_timeout=args.file_timeout,

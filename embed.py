@@ -85,9 +85,11 @@ def _write_part(parts, a, b, rows, x, tok, grids, fails):
                fail_idx=np.array([i for i, _ in fails], np.int64), fail_reason=np.array([r for _, r in fails], str))
     if tok is not None:
         rec.update(tokens=tok.astype(np.float16), grid=np.array(grids, np.int32).reshape(-1, 3))
-    tmp = os.path.join(parts, f"tmp{os.getpid()}.npz")
-    np.savez(tmp, **rec)
-    os.replace(tmp, os.path.join(parts, f"part_{a:09d}_{b:09d}.npz"))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **rec)
+    data.atomic_write(os.path.join(parts, f"part_{a:09d}_{b:09d}.npz"), write)
 
 
 def _done_parts(parts) -> list:

@@ -20,9 +20,9 @@ import torch.nn as nn
 T_MAX, N_KNOTS = 5.0, 65
 NUM_SLICES = 1024  # random directions per SIGReg evaluation (LeJEPA's recommendation)
 
+# lam, the SIGReg weight, has its default in one place: train.py's `lam` (the paper: 0.025 at batch 256).
 # L_pred is the MEAN over feature dims, as the official LeJEPA code (its lambdas go with it); SIGReg grows
 # with the N samples of one evaluation, so lam/(1-lam) * N sets the balance (DESIGN.md, "The loss")
-LAM = 0.025
 
 
 def fp32(device: torch.device):
@@ -95,19 +95,20 @@ def sigreg(z: torch.Tensor, num_slices: int = NUM_SLICES, step: int = 0) -> torc
         return epps_pulley(x).mean()  # equal slices per view, so mean over all = mean of view means
 
 
-def lejepa_loss(z: torch.Tensor, n_global: int = 2, lam: float = LAM, num_slices: int = NUM_SLICES,
+def lejepa_loss(z: torch.Tensor, n_global: int, lam: float, num_slices: int = NUM_SLICES,
                 step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z: (V, N, K) projector outputs, view-major, global views first -> fp32 (total, pred, sigreg): pred (this rank's)
-    = mean over views of mean((mu - z_v)^2), mu the global views' centroid (no stop-gradient); sigreg all ranks'."""
+    """z: (V, N, K) projector outputs, view-major, global views first -> fp32 (total, inv_loss, sigreg_loss), as the
+    LeJEPA code names them: inv_loss (L_pred, this rank's) = mean over views of mean((mu - z_v)^2), mu the global
+    views' centroid (no stop-gradient); sigreg_loss all ranks'. The log calls them pred and sigreg."""
     if z.dim() != 3 or not 1 <= n_global <= z.shape[0]:
         raise ValueError(f"lejepa.lejepa_loss: expected z of shape (V, N, K) with 1 <= n_global <= V, got "
                          f"{tuple(z.shape)} and n_global={n_global}; reshape the projector output view-major")
     with fp32(z.device):
         z = z.float()
         mu = z[:n_global].mean(0)  # (N, K)
-        pred = (mu - z).pow(2).mean()  # mean over views, samples and feature dims (see LAM above)
-        sig = sigreg(z, num_slices=num_slices, step=step)
-        return (1 - lam) * pred + lam * sig, pred, sig
+        inv_loss = (mu - z).pow(2).mean()  # mean over views, samples and feature dims (see lam above)
+        sigreg_loss = sigreg(z, num_slices=num_slices, step=step)
+        return (1 - lam) * inv_loss + lam * sigreg_loss, inv_loss, sigreg_loss
 
 
 class Projector(nn.Module):

@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from itertools import accumulate
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,13 @@ if torch.cuda.is_available():  # torch >= 2.10, CUDA only; importing it costs ~3
         pass
 
 
+class LengthGroups(NamedTuple):
+    """Views grouped by length, for the exact attention path (one SDPA call per length)."""
+    perm: torch.Tensor   # (S,) long: the tokens in the order of their views sorted by length
+    inv: torch.Tensor    # (S,) long: its inverse, back to packed order
+    shapes: list         # [(L, n_views)], one per length, in the order of perm
+
+
 @dataclass
 class Packed:
     """One packed batch of N views, S tokens; 2D and 3D patch vectors kept apart, with their positions."""
@@ -47,8 +55,8 @@ class Packed:
     max_seqlen: int           # longest view, python int (flash-attn needs it on the host)
     grids: list               # N tuples (gz, gh, gw); gz == 1 for 2D views (and for 3D views one patch deep)
     is2d: list                # N python bools: a 2D view (host copy: slicing needs no device sync)
-    groups: tuple | None      # (perm, inv, [(L, n), ...]): views grouped by length, for the exact attention path;
-                              # None on a device slice (the model builds them there only if the exact path runs)
+    groups: LengthGroups | None  # views grouped by length, for the exact attention path; None on a device slice
+                                 # (the model builds them there only if the exact path runs)
 
     @property
     def num_views(self) -> int:
@@ -60,13 +68,13 @@ class Packed:
 
     def __reduce__(self):
         """Pickled (from a worker) as 4 tensors, not 9: each costs ~0.5 ms to hand over (a file descriptor)."""
-        ints = [self.idx2d, self.idx3d, self.view_ids, self.cu_seqlens.long(), *self.groups[:2]]
+        ints = [self.idx2d, self.idx3d, self.view_ids, self.cu_seqlens.long(), self.groups.perm, self.groups.inv]
         return _unflatten, (self.patches2d, self.patches3d, self.coords, torch.cat(ints), [t.numel() for t in ints],
-                            self.seqlens, self.max_seqlen, self.grids, self.is2d, self.groups[2])
+                            self.seqlens, self.max_seqlen, self.grids, self.is2d, self.groups.shapes)
 
     def _map(self, fn):
         """A Packed with fn applied to every tensor; the host metadata is shared."""
-        groups = None if self.groups is None else (fn(self.groups[0]), fn(self.groups[1]), self.groups[2])
+        groups = None if self.groups is None else self.groups._replace(perm=fn(self.groups.perm), inv=fn(self.groups.inv))
         return Packed(fn(self.patches2d), fn(self.patches3d), fn(self.idx2d), fn(self.idx3d), fn(self.coords),
                       fn(self.cu_seqlens), fn(self.view_ids), self.seqlens, self.max_seqlen, self.grids, self.is2d, groups)
 
@@ -79,7 +87,7 @@ class Packed:
 
     def tensors(self) -> list:
         """Every tensor it holds (to record them on a stream)."""
-        return [t for t in (*vars(self).values(), *(self.groups or ())[:2]) if isinstance(t, torch.Tensor)]
+        return [t for t in (*vars(self).values(), *(self.groups or ())) if isinstance(t, torch.Tensor)]
 
     def slice(self, a: int, b: int) -> "Packed":
         """Views a..b-1 as a Packed of their own (micro-batches), wherever the tensors are: row views and offset
@@ -88,8 +96,8 @@ class Packed:
         r2 = [sum(n for n, f in zip(self.seqlens[:j], self.is2d) if f) for j in (a, b)]  # 2D token rows a..b
         r3 = [j - r for j, r in zip((lo, hi), r2)]                                    # 3D token rows a..b
         groups = None  # the exact path's length groups: on the host only (boolean indexing would sync a GPU)
-        if self.groups is not None and self.groups[0].device.type == "cpu":
-            perm = self.groups[0]
+        if self.groups is not None and self.groups.perm.device.type == "cpu":
+            perm = self.groups.perm
             groups = _groups(perm[(perm >= lo) & (perm < hi)] - lo, self.seqlens[a:b])  # still ordered by length
         return Packed(self.patches2d[r2[0]:r2[1]], self.patches3d[r3[0]:r3[1]], self.idx2d[r2[0]:r2[1]] - lo,
                       self.idx3d[r3[0]:r3[1]] - lo, self.coords[lo:hi], self.cu_seqlens[a:b + 1] - lo,
@@ -99,7 +107,8 @@ class Packed:
 
 def _unflatten(p2, p3, coords, ints, sizes, seqlens, max_seqlen, grids, is2d, shapes) -> Packed:
     idx2d, idx3d, view_ids, cu, perm, inv = ints.split(sizes)  # views of the one int64 tensor
-    return Packed(p2, p3, idx2d, idx3d, coords, cu.int(), view_ids, seqlens, max_seqlen, grids, is2d, (perm, inv, shapes))
+    return Packed(p2, p3, idx2d, idx3d, coords, cu.int(), view_ids, seqlens, max_seqlen, grids, is2d,
+                  LengthGroups(perm, inv, shapes))
 
 
 def check_view(i: int, v, patch: int, in_chans: int):
@@ -165,12 +174,13 @@ def length_groups(seqlens, device=None):
     starts = [0, *accumulate(seqlens)]
     order = sorted(range(len(seqlens)), key=lambda i: seqlens[i])
     perm, inv, shapes = _groups(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]), seqlens)
-    return perm.to(device), inv.to(device), shapes
+    return LengthGroups(perm.to(device), inv.to(device), shapes)
 
 
-def _groups(perm, seqlens) -> tuple:
-    """Packed.groups of tokens in the order perm, views sorted by length: (perm, its inverse, [(L, n_views)])."""
-    return perm, torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel())), sorted(Counter(seqlens).items())
+def _groups(perm, seqlens) -> LengthGroups:
+    """Packed.groups of tokens in the order perm, views sorted by length."""
+    return LengthGroups(perm, torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel())),
+                        sorted(Counter(seqlens).items()))
 
 
 def pool_views(x: torch.Tensor, packed: Packed) -> torch.Tensor:

@@ -16,6 +16,8 @@ import os
 import sys
 import warnings
 from dataclasses import asdict
+from functools import partial
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -115,8 +117,8 @@ def fit_probe(xtr, ytr, xva, yva, Cs=Cs, max_iter=max_iter):
     scaler = StandardScaler().fit(xtr)
     ztr, zva = scaler.transform(xtr), scaler.transform(xva)
     clfs = []
-    # one BLAS thread: multi-threaded on these small matrices was 5-25x slower (RESULTS.md, "Cost of the probe"); warnings:
-    # lbfgs hitting max_iter at large C, which the val score judges
+    # one BLAS thread: multi-threaded on these small matrices was 5-25x slower (one fit of 5 findings x 5 C: 7.5 s
+    # on 2 threads, 0.28 s on 1); warnings: lbfgs hitting max_iter at large C, which the val score judges
     with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for k in range(ytr.shape[1]):
@@ -361,25 +363,53 @@ def concat(feats: list) -> dict:
     return {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
 
 
-def load_encoders(cfg):
-    """[(name, model, cache file, cache group, tag (path, step, mtime))] of each encoder, and the checkpoint."""
-    def entry(path):  # a train.py checkpoint's encoder weights
+class Encoder(NamedTuple):
+    """One encoder to probe, and where its features are cached."""
+    name: str                # its rows' encoder column: '<objective>-<step>' or 'random-init'
+    model: SparseMedicalViT
+    cache: str               # features.hdf5 beside its checkpoint (.hdf5: a checkpoint kept in a shard folder must
+                             # not make the cache look like a shard)
+    group: str               # its group in that file
+    tag: str                 # what its features depend on: checkpoint path, step, mtime (or config and seed)
+
+
+def load_encoders(cfg) -> tuple:
+    """([Encoder] of the checkpoint, its random init and the supervised baseline, as asked), the checkpoint."""
+    def from_checkpoint(path) -> tuple:  # a train.py checkpoint's encoder weights
         model = SparseMedicalViT.from_checkpoint(path)
         ck = dict(model.checkpoint, model_cfg=asdict(model.cfg))
         tag = f"{os.path.abspath(path)}|step {ck['step']}|mtime {os.stat(path).st_mtime_ns}"
-        # .hdf5, not .h5: a checkpoint kept in a shard folder must not make the cache look like a shard
         cache = os.path.join(os.path.dirname(os.path.abspath(path)), "features.hdf5")
-        return [f"{ck['config'].get('objective', 'ckpt')}-{ck['step']}", model, cache, os.path.basename(path), tag], ck
-    first, ck = entry(cfg["ckpt"])
+        return Encoder(f"{ck['config'].get('objective', 'ckpt')}-{ck['step']}", model, cache, os.path.basename(path), tag), ck
+    first, ck = from_checkpoint(cfg["ckpt"])
     encoders = [first]
     if cfg["random_init"]:
         s, mcfg = ck["config"].get("seed", 0), ck["model_cfg"]
         torch.manual_seed(s)  # as train.py seeds before it builds its encoder
-        encoders.append(["random-init", SparseMedicalViT(ModelConfig(**mcfg)), first[2], f"random-init:{first[3]}",
-                         f"random|{json.dumps(mcfg, sort_keys=True)}|seed {s}"])
+        encoders.append(Encoder("random-init", SparseMedicalViT(ModelConfig(**mcfg)), first.cache,
+                                f"random-init:{first.group}", f"random|{json.dumps(mcfg, sort_keys=True)}|seed {s}"))
     if cfg["supervised"]:
-        encoders.append(entry(cfg["supervised"])[0])
+        encoders.append(from_checkpoint(cfg["supervised"])[0])
     return encoders, ck
+
+
+def split_features(enc: Encoder, sname: str, split: str, sets: dict, cfg: dict, device, memo: dict) -> dict:
+    """enc's features of one split of a set: from memo (this run), its cache file, or embedded and stored there."""
+    if (enc.name, sname, split) not in memo:
+        sp = sets[sname]["splits"][split]
+        memo[enc.name, sname, split] = cached(
+            enc.cache, enc.group, enc.tag, f"{sp['fingerprint']}|{split}|{device.type}",
+            lambda: embed(enc.model, data.ShardDataset(sp["glob"]), device, cfg["token_budget"], cfg["num_workers"],
+                          f"{enc.name} {sname} {split}"))
+    return memo[enc.name, sname, split]
+
+
+def patient_holdout(feats: dict, seed: int) -> tuple:
+    """(train, val) of feats, 10% of its patients held out as val: where a set has no val split (CT-RATE), the probe's
+    C is chosen on them. The same patients for every encoder (seeded)."""
+    pats = np.unique(feats["patient"])
+    val = np.isin(feats["patient"], np.random.default_rng(seed).choice(pats, max(1, len(pats) // 10), replace=False))
+    return {k: v[~val] for k, v in feats.items()}, {k: v[val] for k, v in feats.items()}
 
 
 def main(cfg: dict):
@@ -397,7 +427,7 @@ def main(cfg: dict):
         sets.update(find_sets(cfg["external_dir"], external=True))
     out_dir = cfg["out_dir"] or os.path.join(os.path.dirname(os.path.abspath(cfg["ckpt"])), "probe")
     os.makedirs(out_dir, exist_ok=True)
-    print(encoders[0][1].describe(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32))
+    print(encoders[0].model.describe(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32))
     print("test sets: " + ", ".join(f"{n} ({'external' if s['external'] else 'internal'}, splits "
                                     f"{'/'.join(sorted(s['splits']))})" for n, s in sets.items()))
 
@@ -411,28 +441,17 @@ def main(cfg: dict):
             print(f"LP data {lp}: no {lp} train split in {data_dir}, skipped")
     runs += [("adapt", [n], [n]) for n in tests if sets[n]["external"] and "train" in sets[n]["splits"]]  # Table 2
 
-    store = {}  # (encoder, set, split) -> features
-
-    def get(e, sname, split):  # e: an entry of encoders
-        name, enc, cache_path, group, ctag = e
-        if (name, sname, split) not in store:
-            sp = sets[sname]["splits"][split]
-            store[name, sname, split] = cached(cache_path, group, ctag, f"{sp['fingerprint']}|{split}|{dev.type}", lambda: embed(
-                enc, data.ShardDataset(sp["glob"]), dev, cfg["token_budget"], cfg["num_workers"], f"{name} {sname} {split}"))
-        return store[name, sname, split]
-
-    rows, labels = [], list(adapters.LABELS)
+    memo, rows, labels = {}, [], list(adapters.LABELS)  # memo: (encoder, set, split) -> features, this run
+    get = partial(split_features, sets=sets, cfg=cfg, device=dev, memo=memo)  # get(encoder, set name, split)
     for e in encoders:
-        e[1].to(dev)
+        e.model.to(dev)
         for lp, names, tsets in runs:
             tr = concat([get(e, n, "train") for n in names])
             if all("val" in sets[n]["splits"] for n in names):
                 va = concat([get(e, n, "val") for n in names])
             else:
                 print(f"{names}: no val split, C chosen on 10% of the train patients held out")  # CT-RATE
-                pats = np.unique(tr["patient"])
-                val = np.isin(tr["patient"], np.random.default_rng(cfg["seed"]).choice(pats, max(1, len(pats) // 10), replace=False))
-                tr, va = {k: v[~val] for k, v in tr.items()}, {k: v[val] for k, v in tr.items()}
+                tr, va = patient_holdout(tr, cfg["seed"])
             p = fit_probe(tr["x"], tr["y"], va["x"], va["y"], cfg["Cs"], cfg["max_iter"])
             scaler = StandardScaler().fit(tr["x"])  # few-shot: standardised on all train features, labels unused
             picks = {k: [few_shot_picks(tr["y"], k, np.random.default_rng((cfg["seed"], k, d)))
@@ -447,16 +466,16 @@ def main(cfg: dict):
             for t in tsets:
                 te = get(e, t, "test")
                 args = (te["patient"], len(tr["x"]), labels, cfg["n_boot"], cfg["seed"])
-                rows.append(score_row(t, lp, e[0], te["y"], predict(p, te["x"]), *args))
-                rows += [score_row(t, lp, e[0], te["y"], knn_scores(tr["x"], tr["y"], te["x"], k, cfg["knn_T"]), *args,
+                rows.append(score_row(t, lp, e.name, te["y"], predict(p, te["x"]), *args))
+                rows += [score_row(t, lp, e.name, te["y"], knn_scores(tr["x"], tr["y"], te["x"], k, cfg["knn_T"]), *args,
                                    protocol=f"knn-{k}") for k in knn_ks]
-                rows += [few_shot_row(t, lp, e[0], k, te["y"], [predict(sp, te["x"]) for sp in shot_probes[k]], labels)
+                rows += [few_shot_row(t, lp, e.name, k, te["y"], [predict(sp, te["x"]) for sp in shot_probes[k]], labels)
                          for k in shot_ks]
     if cfg["pixel_floor"] and any(s["prefix"] == "phantom" and not s["external"] for s in sets.values()):
         rows += floor_rows(data_dir, labels, cfg["n_boot"], cfg["seed"])
 
     order = (list(sets) + lps + ["adapt", "raw-pixels", "linear"] + [f"knn-{k}" for k in knn_ks]
-             + [f"{k}-shot" for k in shot_ks] + [e[0] for e in encoders])
+             + [f"{k}-shot" for k in shot_ks] + [e.name for e in encoders])
     rank = {k: i for i, k in enumerate(order)}
     rows.sort(key=lambda r: (rank[r["test_set"]], rank.get(r["lp_data"], -1), rank[r["protocol"]],
                              rank.get(r["encoder"], -1)))
@@ -466,7 +485,7 @@ def main(cfg: dict):
         t.write(table)
     print(f"{table}\nwrote {out_dir}/probe.json and table.txt")
     if cfg["figures"]:
-        write_figures(encoders, lambda n, sp: get(encoders[0], n, sp), sets, labels, out_dir)
+        write_figures(encoders, partial(get, encoders[0]), sets, labels, out_dir)
 
 
 def counts(cfg, key) -> list:
@@ -489,9 +508,9 @@ def write_figures(encoders, get, sets, labels, out_dir):
         return
     internal = lambda m: [n for n, s in sets.items() if not s["external"] and s["modality"] == m and "train" in s["splits"]]
     fx = {m: concat([get(n, "train") for n in internal(m)]) if internal(m) else
-          dict(x=np.zeros((0, encoders[0][1].cfg.dim)), y=np.zeros((0, len(labels)))) for m in ("2d", "3d")}
+          dict(x=np.zeros((0, encoders[0].model.cfg.dim)), y=np.zeros((0, len(labels)))) for m in ("2d", "3d")}
     fig_pca_lr(fx["2d"]["x"], fx["2d"]["y"], fx["3d"]["x"], fx["3d"]["y"], labels, os.path.join(out_dir, "pca_lr.png"),
-               f"{encoders[0][0]}: which principal components of the LP train features predict each finding")
+               f"{encoders[0].name}: which principal components of the LP train features predict each finding")
     images = []  # one radiograph and one CT from the internal test sets, cardiomegaly-positive if any (Fig. 2b)
     for m in ("2d", "3d"):
         cands = sorted((s for s in sets.values() if s["modality"] == m and "test" in s["splits"]), key=lambda s: s["external"])
@@ -499,8 +518,8 @@ def write_figures(encoders, get, sets, labels, out_dir):
             ds = data.ShardDataset(cands[0]["splits"]["test"]["glob"])
             images.append(ds[int(np.argmax(ds.labels[:, labels.index("CARD")] == 1))]["image"])
     if images:
-        fig_pca_maps([(e[0], e[1]) for e in encoders], images, os.path.join(out_dir, "pca_maps.png"),
-                     encoders[0][1].cfg.patch)
+        fig_pca_maps([(e.name, e.model) for e in encoders], images, os.path.join(out_dir, "pca_maps.png"),
+                     encoders[0].model.cfg.patch)
     print(f"wrote {os.path.join(out_dir, 'pca_lr.png')} and pca_maps.png")
 
 

@@ -2,6 +2,8 @@
 LeJEPA's views (paper 2.2, 2.4): V_g global + V_l local crops of a sample and their per-view intensity
 augmentation, drawn in a loader worker by MultiCrop(...)(image, rng) and applied on the device by
 augment(packed, aug) to the packed int8 crops. The choices and their tests: DATA.md, "Views".
+Everything a view is lives here; its knobs are train.py's `# data` block (n_global ... view_intensity), which
+train.view_maker hands to MultiCrop; data.make_loader calls the MultiCrop in its workers, train.py calls augment.
 """
 
 import dataclasses
@@ -15,6 +17,9 @@ import torch.nn.functional as F
 from pack import PATCH, Q, Packed
 
 NOISE_SIZE = 1 << 22  # standard normals in the fixed noise table (16 MB), see augment
+# the columns of a view's row of `aug` (V, 4) float64: MultiCrop draws them in a worker, augment applies them
+CONTRAST, BRIGHTNESS, NOISE_SD, NOISE_ROW = range(4)  # x -> c x + (1 - c) mean + b + sd * table[row + pos]
+IDENTITY_AUG = (1.0, 0.0, 0.0, 0.0)  # the view as stored: what the probe and embed.py see
 
 
 @lru_cache(maxsize=None)  # made once per device, on first use there
@@ -56,7 +61,7 @@ class MultiCrop:
         return tuple(k * p for k in best[1])
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator):
-        """(crops: sub-blocks of image, in its dtype unless zoomed; aug (V, 4): contrast, brightness, sd, noise row)."""
+        """(crops: sub-blocks of image, in its dtype unless zoomed; aug (V, 4): columns CONTRAST ... NOISE_ROW)."""
         spatial = image.shape[1:]  # (H, W) or (Z, H, W)
         zoom = self.log_zoom[1] > self.log_zoom[0]
         if zoom and image.dtype == np.int8:
@@ -76,17 +81,19 @@ class MultiCrop:
             b = rng.uniform(-self.brightness, self.brightness)
             sd = rng.uniform(0, self.noise)
             rows = NOISE_SIZE // (self.patch ** len(spatial))  # the noise table as rows of one patch
-            aug.append((c, b, sd, rng.integers(0, rows) if sd > 0 else 0))
+            aug.append((c, b, sd, rng.integers(0, rows) if sd > 0 else 0))  # CONTRAST, BRIGHTNESS, NOISE_SD, NOISE_ROW
         return crops, np.array(aug, np.float64)
 
 
 @torch.no_grad()
 def augment(packed: Packed, aug: torch.Tensor) -> Packed:
     """Patches (int8 q = 127 x, or float x) -> float32 clip(c x + (1 - c) mean_v(x) + b + sd * noise, -1, 1),
-    (c, b, sd, row) = aug[v], wherever the packed views are, in a few batched ops. A view's noise: the fixed
-    table's rows from `row` on (wrapping), one gather per batch (DATA.md, "Views"). Pass aug on the host."""
-    dev, N, noisy = packed.coords.device, packed.num_views, bool((aug[:, 2] > 0).any())
-    c, b, sd, row = aug.to(dev, torch.float64, non_blocking=True).unbind(1)  # (N,) each
+    (c, b, sd, row) = aug[v] (columns CONTRAST, BRIGHTNESS, NOISE_SD, NOISE_ROW), wherever the packed views are, in a
+    few batched ops. A view's noise: the fixed table's rows from `row` on (wrapping), one gather per batch (DATA.md,
+    "Views"). Pass aug on the host."""
+    dev, N, noisy = packed.coords.device, packed.num_views, bool((aug[:, NOISE_SD] > 0).any())
+    a = aug.to(dev, torch.float64, non_blocking=True)
+    c, b, sd, row = a[:, CONTRAST], a[:, BRIGHTNESS], a[:, NOISE_SD], a[:, NOISE_ROW]  # (N,) each
     pos = torch.arange(packed.num_tokens, device=dev) - packed.cu_seqlens[:-1].long()[packed.view_ids]  # (S,) in its view
     sums, count = torch.zeros(N, dtype=torch.float64, device=dev), torch.zeros(N, dtype=torch.float64, device=dev)
     for p, idx in ((packed.patches2d, packed.idx2d), (packed.patches3d, packed.idx3d)):
