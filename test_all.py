@@ -2524,6 +2524,29 @@ def learning_gain(tmp_path, **train_kw):
     return trained["macro"] - rows["random-init"]["macro"], trained, rows["random-init"]
 
 
+def view_agreement(ckpt_path, ds, n=300, seed=0, n_boot=0):
+    """Mean squared distance between the projector outputs of two global views of one sample, over that between
+    views of two different samples, for the first n samples of ds with the run's crops and jitter (fixed draws):
+    1 when a sample's views are no closer than any two views (nothing learned from the pairing), 0 when they
+    coincide. With n_boot, also the 2.5 and 97.5 percentiles over resampled samples."""
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg, encoder = ck["config"], SparseMedicalViT.from_checkpoint(ckpt_path)
+    head = Projector(encoder.cfg.dim, cfg["proj_hidden"], cfg["proj_dim"]).eval()
+    head.load_state_dict(ck["head"])
+    b, c, sd = cfg["view_intensity"]
+    crop = MultiCrop(n_global=2, n_local=0, global_scale=cfg["global_scale"], brightness=b, contrast=c, noise=sd)
+    z = []
+    with torch.no_grad():
+        for i in range(min(n, len(ds))):
+            crops, aug = crop(ds.read(i), np.random.default_rng((seed, i)))
+            z.append(head(encoder(views.augment(pack.pack_arrays(crops), torch.from_numpy(aug)))))  # (2, K)
+    a, b = torch.stack(z).double().unbind(1)  # (n, K) each
+    same, pair = (a - b).pow(2).mean(1), (a[:, None] - b[None]).pow(2).mean(2)  # (n,), (n, n)
+    ratio = lambda i: float(same[i].mean() / pair[i][:, i].mean())
+    boot = np.random.default_rng(0).integers(0, len(a), (n_boot, len(a)))
+    return ratio(torch.arange(len(a))), np.percentile([ratio(torch.from_numpy(j)) for j in boot], [2.5, 97.5]) if n_boot else None
+
+
 @pytest.mark.slow
 def test_lejepa_beats_random_init_on_a_reduced_world(tmp_path):
     gain, trained, rand = learning_gain(tmp_path)
