@@ -2539,19 +2539,19 @@ def view_agreement(ckpt_path, ds, n=300, seed=0, n_boot=0):
     cfg, encoder = ck["config"], SparseMedicalViT.from_checkpoint(ckpt_path)
     head = Projector(encoder.cfg.dim, cfg["proj_hidden"], cfg["proj_dim"]).eval()
     head.load_state_dict(ck["head"])
-    b, c, sd = cfg["view_intensity"]
+    brightness, contrast, noise = cfg["view_intensity"]
     crop = MultiCrop(n_global=1, n_local=1, global_scale=cfg["global_scale"], local_scale=cfg["local_scale"],
-                     brightness=b, contrast=c, noise=sd)
+                     brightness=brightness, contrast=contrast, noise=noise)
     z = []
     with torch.no_grad():
         for i in range(min(n, len(ds))):
             crops, aug = crop(ds.read(i), np.random.default_rng((seed, i)))
             z.append(head(encoder(views.augment(pack.pack_arrays(crops), torch.from_numpy(aug)))))  # (2, K): global, local
-    a, b = torch.stack(z).double().unbind(1)  # (n, K) each
-    same, pair = (a - b).pow(2).mean(1), (a[:, None] - b[None]).pow(2).mean(2)  # (n,), (n, n)
+    g, loc = torch.stack(z).double().unbind(1)  # (n, K) each: global, local
+    same, pair = (g - loc).pow(2).mean(1), (g[:, None] - loc[None]).pow(2).mean(2)  # (n,), (n, n)
     ratio = lambda i: float(same[i].mean() / pair[i][:, i][i[:, None] != i[None]].mean())  # pairs of two samples
-    boot = np.random.default_rng(0).integers(0, len(a), (n_boot, len(a)))
-    return ratio(torch.arange(len(a))), np.percentile([ratio(torch.from_numpy(j)) for j in boot], [2.5, 97.5]) if n_boot else None
+    boot = np.random.default_rng(0).integers(0, len(g), (n_boot, len(g)))
+    return ratio(torch.arange(len(g))), np.percentile([ratio(torch.from_numpy(j)) for j in boot], [2.5, 97.5]) if n_boot else None
 
 
 @pytest.mark.slow
