@@ -2539,9 +2539,7 @@ def view_agreement(ckpt_path, ds, n=300, seed=0, n_boot=0):
     cfg, encoder = ck["config"], SparseMedicalViT.from_checkpoint(ckpt_path)
     head = Projector(encoder.cfg.dim, cfg["proj_hidden"], cfg["proj_dim"]).eval()
     head.load_state_dict(ck["head"])
-    brightness, contrast, noise = cfg["view_intensity"]
-    crop = MultiCrop(n_global=1, n_local=1, global_scale=cfg["global_scale"], local_scale=cfg["local_scale"],
-                     brightness=brightness, contrast=contrast, noise=noise)
+    crop = train.view_maker({**cfg, "n_global": 1, "n_local": 1})  # the run's own views, one of each kind
     z = []
     with torch.no_grad():
         for i in range(min(n, len(ds))):
